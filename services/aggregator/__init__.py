@@ -1,0 +1,1 @@
+"""The aggregator service: accumulates each round's results as they arrive."""

@@ -1,0 +1,1 @@
+"""The `sagmq` command: service launchers, admin commands over the broker, and poc."""

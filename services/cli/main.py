@@ -1,0 +1,238 @@
+"""`sagmq`: run a service, talk to a running system, or run a whole POC locally."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.wire.errors import EXIT_BROKER, EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE, BrokerUnavailable, ConfigError, \
+    JobSpecError, SagmqError
+from services.wire.jobspec import parse_job, read_job_folder
+from services.wire.messages import ABORTED, FAILED, FINISHED
+from services.wire.settings import Settings, load_settings
+
+SERVICES = ("server", "aggregator", "persistor", "client")
+
+
+def broker_help(e: BrokerUnavailable) -> str:
+    """What to tell a user whose broker does not answer."""
+    return (f"error: {e}\n"
+            "Start a local broker with `rabbitmq-server -detached` (or `docker compose up -d rabbitmq`), "
+            "or point SAGMQ_AMQP_URL at yours.")
+
+
+def _admin(settings: Settings) -> Any:
+    from services.cli.admin import AdminClient
+
+    return AdminClient(settings)
+
+
+def write_files(out: Path, files: dict[str, bytes]) -> None:
+    """Write downloaded files under out, refusing paths that escape it."""
+    root = out.resolve()
+    for rel, data in files.items():
+        target = (root / rel).resolve()
+        if root not in target.parents:
+            raise SagmqError(f"refusing to write {rel!r} outside {out}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def format_round(h: dict[str, Any]) -> str:
+    """One line of progress for a finished round."""
+    rej = h.get("rejected") or []
+    text = f"round {h['round']}: {len(h.get('aggregated', h.get('accepted', [])))} accepted"
+    if h.get("aggregated"):
+        text += f" ({', '.join(h['aggregated'])})"
+    if rej:
+        text += f", {len(rej)} rejected (" + "; ".join(f"{x['site']}: {x['reason']}" for x in rej) + ")"
+    if "seconds" in h:
+        text += f" in {h['seconds']:.3f} s"
+    return text + (f" [{h['close_reason']}]" if h.get("close_reason") else "")
+
+
+def wait_job(admin: Any, job_id: str, timeout_s: float | None, out: Any = sys.stdout) -> dict[str, Any]:
+    """Poll a job's status, printing each finished round, until it ends or time runs out."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    shown = 0
+    while True:
+        st = admin.status(job_id)
+        for h in st.get("history", [])[shown:]:
+            print(format_round(h), file=out, flush=True)
+        shown = len(st.get("history", []))
+        if st["status"] in (FINISHED, FAILED, ABORTED):
+            return st
+        if deadline is not None and time.monotonic() > deadline:
+            raise SagmqError(f"job {job_id} still {st['status']} after {timeout_s:g} s")
+        time.sleep(0.1)
+
+
+def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
+    files = read_job_folder(a.job_dir)
+    parse_job(files)  # refuse invalid folders before they reach the broker
+    admin = _admin(s)
+    try:
+        print(admin.submit(files))
+    finally:
+        admin.close()
+    return 0
+
+
+def cmd_list(s: Settings, a: argparse.Namespace) -> int:
+    admin = _admin(s)
+    try:
+        jobs = admin.call("list").result["jobs"]
+    finally:
+        admin.close()
+    print(f"{'JOB ID':34} {'NAME':24} {'STATUS':10} {'ROUND':5} SUBMITTED")
+    for j in jobs:
+        sub = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["submitted_at"]))
+        rnd = "" if j["current_round"] is None else str(j["current_round"])
+        print(f"{j['job_id']:34} {j['name'][:24]:24} {j['status']:10} {rnd:5} {sub}"
+              + (f"  {j['reason']}" if j["reason"] else ""))
+    return 0
+
+
+def cmd_status(s: Settings, a: argparse.Namespace) -> int:
+    admin = _admin(s)
+    try:
+        st = admin.status(a.job_id)
+    finally:
+        admin.close()
+    print(json.dumps(st, indent=2, default=str))
+    return 0
+
+
+def cmd_wait(s: Settings, a: argparse.Namespace) -> int:
+    admin = _admin(s)
+    try:
+        st = wait_job(admin, a.job_id, a.timeout)
+    finally:
+        admin.close()
+    print(f"job {st['job_id']} {st['status']}" + (f": {st['reason']}" if st["reason"] else ""))
+    return 0 if st["status"] == FINISHED else EXIT_FAILED
+
+
+def cmd_abort(s: Settings, a: argparse.Namespace) -> int:
+    admin = _admin(s)
+    try:
+        admin.call("abort", {"job_id": a.job_id})
+    finally:
+        admin.close()
+    print(f"job {a.job_id} aborted")
+    return 0
+
+
+def cmd_download(s: Settings, a: argparse.Namespace) -> int:
+    admin = _admin(s)
+    try:
+        files = admin.download(a.job_id)
+    finally:
+        admin.close()
+    write_files(Path(a.out), files)
+    print(f"{len(files)} file(s) written to {a.out}")
+    model = Path(a.out) / "models" / "server.npy"
+    if model.exists():
+        print(f"final model {model}:\n{np.load(model)}")
+    return 0
+
+
+def cmd_shutdown(s: Settings, a: argparse.Namespace) -> int:
+    if a.target == "client" and not a.name:
+        raise SagmqError("shutdown client needs the site NAME")
+    admin = _admin(s)
+    try:
+        r = admin.call("shutdown", {"target": a.target, "site": a.name or ""})
+    finally:
+        admin.close()
+    print("stopping: " + ", ".join(r.result["stopping"]))
+    return 0
+
+
+def cmd_poc(s: Settings, a: argparse.Namespace) -> int:
+    from services.cli.poc import run_poc
+
+    return run_poc(s, a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sagmq", description="Scatter-and-Gather federated learning over RabbitMQ.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service", add_help=False)
+    sp = sub.add_parser("submit", help="submit an NVFlare job folder; prints the job id")
+    sp.add_argument("job_dir")
+    sub.add_parser("list", help="list jobs")
+    sp = sub.add_parser("status", help="server status, or one job's status and history")
+    sp.add_argument("job_id", nargs="?")
+    sp = sub.add_parser("wait", help="wait for a job to end, showing each round")
+    sp.add_argument("job_id")
+    sp.add_argument("--timeout", type=float, help="seconds to wait at most")
+    sp = sub.add_parser("abort", help="abort a queued or running job")
+    sp.add_argument("job_id")
+    sp = sub.add_parser("download", help="download a job's models and history")
+    sp.add_argument("job_id")
+    sp.add_argument("--out", required=True, help="folder to write into")
+    sp = sub.add_parser("shutdown", help="stop services: all, server, or client NAME")
+    sp.add_argument("target", choices=["all", "server", "client"])
+    sp.add_argument("name", nargs="?")
+    sp = sub.add_parser("poc", help="run server, aggregator, persistor and N clients locally and run a job")
+    sp.add_argument("job_dir", nargs="?", help="job folder (default: jobs/hello-numpy-sag)")
+    sp.add_argument("--clients", type=int, default=2, help="number of sites (site-1 ... site-N)")
+    sp.add_argument("--workspace", help="folder for the services' state and logs (default: a new temp folder)")
+    sp.add_argument("--out", help="folder to download the results to (default: WORKSPACE/out)")
+    sp.add_argument("--allow-custom-code", action="store_true", help="let the sites run the job's custom code")
+    sp.add_argument("--timeout", type=float, default=600, help="seconds the job may take")
+    return p
+
+
+COMMANDS = {"submit": cmd_submit, "list": cmd_list, "status": cmd_status, "wait": cmd_wait, "abort": cmd_abort,
+            "download": cmd_download, "shutdown": cmd_shutdown, "poc": cmd_poc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `sagmq`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVICES:
+        return run_service(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return COMMANDS[args.command](settings, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except BrokerUnavailable as e:
+        print(broker_help(e), file=sys.stderr)
+        return EXIT_BROKER
+    except JobSpecError as e:
+        print(f"error: invalid job: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SagmqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def run_service(name: str, argv: list[str]) -> int:
+    """Start one service in this process."""
+    import importlib
+
+    module = importlib.import_module(f"services.{name}.main")
+    try:
+        return int(module.main(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except BrokerUnavailable as e:
+        print(broker_help(e), file=sys.stderr)
+        return EXIT_BROKER
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The client service: one site, consuming its queue, training off the I/O thread."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from services.client.api import TaskContext, TaskError
+from services.client.apps import App, deploy
+from services.wire.bus import Bus, Delivery
+from services.wire.errors import Rejected
+from services.wire.lifecycle import install_stop_signals
+from services.wire.logs import setup_logging
+from services.wire.messages import (
+    RC_EXECUTION_EXCEPTION,
+    RC_OK,
+    RC_TASK_UNKNOWN,
+    ClientHeartbeat,
+    Control,
+    TaskResult,
+    TrainTask,
+    decode,
+)
+from services.wire.settings import Settings, default_site_name, load_settings
+from services.wire.topology import RK_HEARTBEAT, RK_RESULT, site_topology
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Work:
+    task: TrainTask
+    ctx: TaskContext
+
+
+@dataclass(slots=True)
+class ClientState:
+    """What the I/O thread and the worker share (guarded by lock)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    current: _Work | None = None
+    apps: dict[str, App] = field(default_factory=dict)
+    aborted_jobs: set[str] = field(default_factory=set)
+
+
+class ClientService:
+    """Receives tasks, runs them in a worker thread, publishes results."""
+
+    def __init__(self, settings: Settings, bus: Bus) -> None:
+        self.s = settings
+        self.site = settings.site
+        self.bus = bus
+        self.stop = threading.Event()
+        self.state = ClientState()
+        self.work: queue.Queue[_Work | None] = queue.Queue()
+        self.workspace = settings.workspace / self.site
+        self._hello = True
+        self._next_beat = 0.0
+        self.worker = threading.Thread(target=self._worker, name="trainer", daemon=True)
+
+    def start(self) -> None:
+        """Declare the site queue and start consuming."""
+        self.bus.declare(site_topology(self.s.prefix, self.site))
+        self.bus.consume(self.bus.names.site_queue(self.site), self.on_message, prefetch=1)
+        self.worker.start()
+
+    def run(self) -> None:
+        """Serve until stopped."""
+        self.start()
+        log.info("site %s ready (custom code %s)", self.site, "allowed" if self.s.allow_custom_code else "refused")
+        try:
+            self.bus.run(self.stop, self.tick, 0.1)
+        finally:
+            self.work.put(None)
+            with self.state.lock:
+                if self.state.current:
+                    self.state.current.ctx.abort.set()
+
+    def tick(self) -> None:
+        """Send a heartbeat every heartbeat_s seconds."""
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.s.heartbeat_s
+        with self.state.lock:
+            cur = self.state.current
+        hb = ClientHeartbeat(
+            site=self.site, hello=self._hello, host=socket.gethostname(), pid=os.getpid(),
+            allow_custom_code=self.s.allow_custom_code,
+            busy_job=cur.task.job_id if cur else "", busy_round=cur.task.round if cur else -1,
+        )
+        self.bus.publish(self.bus.names.events, RK_HEARTBEAT, hb, headers={"site": self.site})
+        self._hello = False
+
+    def on_message(self, d: Delivery) -> None:
+        """A task or a control message from the site queue."""
+        limit = self.s.max_body_bytes
+        if d.msg_type == Control.TYPE:
+            self.on_control(decode(Control, d.body, limit))
+        elif d.msg_type == TrainTask.TYPE:
+            task = decode(TrainTask, d.body, limit)
+            if self.site not in task.targets:
+                raise Rejected(f"task {task.task_id} of job {task.job_id} is not addressed to site {self.site}")
+            self.on_task(task)
+        else:
+            raise Rejected(f"a site queue takes task and control messages, not {d.msg_type!r}")
+
+    def on_task(self, task: TrainTask) -> None:
+        """Queue a task; a newer round of the same job supersedes the one running."""
+        ctx = TaskContext(self.site, task.job_id, task.round, task.num_rounds, task.task_name, self.workspace)
+        with self.state.lock:
+            cur = self.state.current
+            if cur and cur.task.job_id == task.job_id and cur.task.round < task.round:
+                log.info("round %d of job %s supersedes round %d; stopping it", task.round, task.job_id, cur.task.round)
+                cur.ctx.abort.set()
+        log.info("task %s round %d of job %s received", task.task_name, task.round, task.job_id)
+        self.work.put(_Work(task, ctx))
+
+    def on_control(self, c: Control) -> None:
+        """Abort a job's work, or shut down."""
+        if c.command == "abort":
+            with self.state.lock:
+                self.state.aborted_jobs.add(c.job_id)
+                cur = self.state.current
+                if cur and cur.task.job_id == c.job_id:
+                    cur.ctx.abort.set()
+            log.info("job %s aborted by the server", c.job_id)
+        elif c.command == "shutdown":
+            log.info("shutdown requested by the server")
+            self.stop.set()
+        else:
+            raise Rejected(f"unknown control command {c.command!r}")
+
+    # --- worker thread ----------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            w = self.work.get()
+            if w is None:
+                return
+            with self.state.lock:
+                if w.task.job_id in self.state.aborted_jobs:
+                    continue
+                self.state.current = w
+            try:
+                result = self._run(w)
+            finally:
+                with self.state.lock:
+                    self.state.current = None
+            self.bus.call_threadsafe(lambda r=result: self._publish_result(r))
+
+    def _run(self, w: _Work) -> TaskResult:
+        t = w.task
+        base = dict(job_id=t.job_id, round=t.round, task_name=t.task_name, task_id=t.task_id, site=self.site)
+        started = time.monotonic()
+        try:
+            key = f"{t.job_id}"
+            app = self.state.apps.get(key)
+            if app is None:
+                app = deploy(self.site, t.job_id, t.deploy_map, t.apps, self.workspace, self.s.allow_custom_code)
+                self.state.apps = {key: app}  # one job at a time; drop older jobs' executors
+            executor = app.executors.get(t.task_name)
+            if executor is None:
+                raise TaskError(RC_TASK_UNKNOWN, f"app {app.name} has no executor for task {t.task_name!r}")
+            w.ctx.workdir = app.workdir
+            dxo = executor.execute(t.task_name, t.dxo, w.ctx)
+            log.info("task %s round %d of job %s done in %.3f s", t.task_name, t.round, t.job_id,
+                     time.monotonic() - started)
+            return TaskResult(**base, rc=RC_OK, dxo=dxo)
+        except TaskError as e:
+            log.warning("task %s round %d of job %s failed: %s: %s", t.task_name, t.round, t.job_id, e.rc, e.text)
+            return TaskResult(**base, rc=e.rc, error=e.text)
+        except Exception as e:  # executor code is the job's; report, don't die
+            log.exception("executor failed on round %d of job %s", t.round, t.job_id)
+            return TaskResult(**base, rc=RC_EXECUTION_EXCEPTION, error=f"{type(e).__name__}: {e}")
+
+    def _publish_result(self, r: TaskResult) -> None:
+        headers = {"job_id": r.job_id, "round": r.round, "site": self.site}
+        self.bus.publish(self.bus.names.results, RK_RESULT, r, headers=headers)
+        log.info("result of round %d of job %s sent (rc %s)", r.round, r.job_id, r.rc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `sagmq client`."""
+    p = argparse.ArgumentParser(prog="sagmq client", description="Run one site.")
+    p.add_argument("--site", help="site name (default: SAGMQ_SITE, then the hostname)")
+    p.add_argument("--allow-custom-code", action="store_true", help="run code from a job's app/custom/")
+    args = p.parse_args(argv)
+    settings = load_settings()
+    settings = settings.with_site(args.site or settings.site or default_site_name())
+    if args.allow_custom_code:
+        settings = replace(settings, allow_custom_code=True)
+    setup_logging(settings.log_level, f"client[{settings.site}]")
+    bus = Bus(settings, f"client-{settings.site}").connect()
+    svc = ClientService(settings, bus)
+    install_stop_signals(svc.stop)
+    svc.run()
+    bus.close()
+    return 0

@@ -1,0 +1,1 @@
+"""The persistor service: the model store, written atomically on disk."""

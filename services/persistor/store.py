@@ -1,0 +1,102 @@
+"""NPModelPersistor's store: jobs/<job_id>/models/server.npy plus per-round snapshots.
+
+Every file is written to a temporary name, fsynced and renamed, so a reader never sees
+a half-written model. Layout under the persistor's workspace::
+
+    jobs/<job_id>/models/server.npy        the latest global model (NVFlare's file)
+    jobs/<job_id>/models/round-<r>.npy     the global model after round r
+    jobs/<job_id>/progress.json            the last saved round
+    jobs/<job_id>/meta.json, history.json  the job's meta and round history
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.wire.errors import SagmqError
+from services.wire.files import atomic_write
+from services.wire.settings import check_name
+
+NUMPY_KEY = "numpy_key"
+DEFAULT_MODEL = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def model_bytes(weights: dict[str, np.ndarray], npz: bool) -> bytes:
+    """A model as .npy bytes (one variable) or .npz bytes (several); never pickled."""
+    buf = io.BytesIO()
+    if npz:
+        np.savez(buf, **weights)
+    else:
+        (arr,) = weights.values()
+        np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+class ModelStore:
+    """The persistor's files for every job."""
+
+    def __init__(self, workspace: Path) -> None:
+        self.root = workspace / "persistor" / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / check_name("job id", job_id)
+
+    def _model_path(self, job_id: str, model_dir: str, model_name: str) -> Path:
+        return self.job_dir(job_id) / model_dir / model_name
+
+    def last_round(self, job_id: str) -> int | None:
+        """The last round saved for a job, if any."""
+        p = self.job_dir(job_id) / "progress.json"
+        if not p.exists():
+            return None
+        return int(json.loads(p.read_text())["last_round"])
+
+    def load(
+        self, job_id: str, model_dir: str, model_name: str, initial: list[Any] | None
+    ) -> tuple[dict[str, np.ndarray], str, int | None]:
+        """The saved model of the job if any, else the configured one, else NVFlare's default."""
+        path = self._model_path(job_id, model_dir, model_name)
+        last = self.last_round(job_id)
+        if path.exists() and last is not None:
+            with np.load(path, allow_pickle=False) as loaded:
+                if isinstance(loaded, np.lib.npyio.NpzFile):
+                    return {k: loaded[k] for k in loaded.files}, "saved", last
+            return {NUMPY_KEY: np.load(path, allow_pickle=False)}, "saved", last
+        if initial is not None:
+            try:
+                arr = np.asarray(initial, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise SagmqError(f"NPModelPersistor model is not numeric: {e}") from e
+            return {NUMPY_KEY: arr}, "config", None
+        return {NUMPY_KEY: np.array(DEFAULT_MODEL, dtype=np.float32)}, "default", None
+
+    def save(self, job_id: str, rnd: int, weights: dict[str, np.ndarray], model_dir: str, model_name: str) -> Path:
+        """Save a round's model (snapshot first, then the latest file, then the progress mark)."""
+        npz = not (len(weights) == 1 and NUMPY_KEY in weights)
+        data = model_bytes(weights, npz)
+        path = self._model_path(job_id, model_dir, model_name)
+        ext = ".npz" if npz else ".npy"
+        atomic_write(path.parent / f"round-{rnd}{ext}", data)
+        atomic_write(path, data)
+        atomic_write(self.job_dir(job_id) / "progress.json", json.dumps({"last_round": rnd}).encode())
+        return path
+
+    def write_json(self, job_id: str, name: str, obj: Any) -> None:
+        """meta.json or history.json of a job."""
+        atomic_write(self.job_dir(job_id) / name, json.dumps(obj, indent=2, default=str).encode())
+
+    def files(self, job_id: str) -> dict[str, bytes]:
+        """Every file of a job, for download."""
+        root = self.job_dir(job_id)
+        if not root.is_dir():
+            raise SagmqError(f"the persistor has nothing for job {job_id}")
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }

@@ -1,0 +1,1 @@
+"""The server service: job queue, round state machine, site registry, admin commands."""

@@ -1,0 +1,493 @@
+"""The server service: queues jobs, drives ScatterAndGather rounds, answers the admin CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.server.generator import apply_aggregate
+from services.server.workflow import RoundMachine, should_persist
+from services.wire.bus import Bus, Delivery
+from services.wire.codec import DXO, WEIGHTS, pack, unpack
+from services.wire.errors import JobSpecError, Rejected, SagmqError
+from services.wire.files import atomic_write
+from services.wire.jobspec import JobSpec, parse_job
+from services.wire.lifecycle import install_stop_signals
+from services.wire.logs import setup_logging
+from services.wire.messages import (
+    ABORTED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    SUBMITTED,
+    AdminReply,
+    AdminRequest,
+    ClientHeartbeat,
+    Contribution,
+    Control,
+    JobEvent,
+    ModelLoad,
+    ModelLoaded,
+    ModelSave,
+    ModelSaved,
+    RoundAggregated,
+    RoundClose,
+    RoundOpen,
+    TrainTask,
+    decode,
+)
+from services.wire.settings import Settings, load_settings
+from services.wire.topology import (
+    RK_MODEL_LOAD,
+    RK_MODEL_SAVE,
+    RK_ROUND_CLOSE,
+    RK_ROUND_OPEN,
+    rk_control,
+    rk_job,
+    service_topology,
+)
+
+log = logging.getLogger(__name__)
+ENDED = (FINISHED, FAILED, ABORTED)
+
+
+@dataclass(slots=True)
+class Site:
+    """A site the server has heard from."""
+
+    name: str
+    last_seen: float
+    host: str
+    pid: int
+    allow_custom_code: bool
+    busy_job: str = ""
+    busy_round: int = -1
+
+
+@dataclass(slots=True)
+class Job:
+    """A submitted job and what happened to it (persisted in jobs.json)."""
+
+    job_id: str
+    name: str
+    status: str
+    submitted_at: float
+    reason: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    current_round: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in
+                ("job_id", "name", "status", "reason", "submitted_at", "started_at", "finished_at", "current_round")}
+
+
+@dataclass(slots=True)
+class Run:
+    """The running job's live state (rebuilt from the persistor after a restart)."""
+
+    job: Job
+    spec: JobSpec
+    phase: str = "loading"  # loading -> training -> aggregating -> (saving) -> training ... -> done
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    machine: RoundMachine | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    task_id: str = ""
+    phase_since: float = 0.0
+
+
+class ServerService:
+    """The job queue and round loop; reacts to events, never calls other services."""
+
+    def __init__(self, settings: Settings, bus: Bus) -> None:
+        self.s = settings
+        self.bus = bus
+        self.names = bus.names
+        self.stop = threading.Event()
+        self.dir = settings.workspace / "server"
+        self.jobs: dict[str, Job] = {}
+        self.sites: dict[str, Site] = {}
+        self.run_: Run | None = None
+        self._waiting_logged = 0.0
+        self._load_state()
+
+    # --- state on disk ----------------------------------------------------------------
+
+    def _jobs_file(self) -> Path:
+        return self.dir / "jobs.json"
+
+    def _job_files(self, job_id: str) -> Path:
+        return self.dir / "jobs" / job_id / "job.msgpack"
+
+    def _load_state(self) -> None:
+        p = self._jobs_file()
+        if p.exists():
+            for d in json.loads(p.read_text()):
+                job = Job(**d)
+                self.jobs[job.job_id] = job
+            log.info("loaded %d job(s) from %s", len(self.jobs), p)
+
+    def _save_state(self) -> None:
+        data = [{f: getattr(j, f) for f in Job.__dataclass_fields__} for j in self.jobs.values()]
+        atomic_write(self._jobs_file(), json.dumps(data, indent=1).encode())
+
+    def _spec(self, job_id: str) -> JobSpec:
+        files = unpack(self._job_files(job_id).read_bytes(), 2**31)
+        return parse_job(files)
+
+    # --- loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stopped; resume a job that was running when the server stopped."""
+        n = self.names
+        self.bus.consume(n.server_queue, self.on_event, prefetch=64)
+        self.bus.consume(n.server_admin_queue, self.on_admin, prefetch=1)
+        for job in sorted(self.jobs.values(), key=lambda j: j.submitted_at):
+            if job.status == RUNNING:
+                log.info("resuming job %s from its last saved round", job.job_id)
+                self._start(job, resumed=True)
+                break
+        log.info("server ready")
+        self.bus.run(self.stop, self.tick, 0.05)
+
+    def alive(self, now: float | None = None) -> set[str]:
+        """Sites heard from within client_timeout_s."""
+        now = time.monotonic() if now is None else now
+        return {s.name for s in self.sites.values() if now - s.last_seen <= self.s.client_timeout_s}
+
+    def tick(self) -> None:
+        """Schedule queued jobs and close rounds whose time has come."""
+        now = time.monotonic()
+        run = self.run_
+        if run is None:
+            self._schedule(now)
+        elif run.phase == "training" and run.machine is not None:
+            reason = run.machine.close_reason(now, self.alive(now))
+            if reason is not None:
+                self._close_round(run, reason)
+
+    def _eligible(self, spec: JobSpec, now: float) -> list[str]:
+        return sorted(s for s in self.alive(now) if spec.site_allowed(s))
+
+    def _schedule(self, now: float) -> None:
+        queued = [j for j in self.jobs.values() if j.status == SUBMITTED]
+        if not queued:
+            return
+        job = min(queued, key=lambda j: j.submitted_at)
+        spec = self._spec(job.job_id)
+        sites = self._eligible(spec, now)
+        if len(sites) >= spec.min_clients:
+            self._start(job)
+            return
+        waited = time.time() - job.submitted_at
+        if waited > self.s.schedule_timeout_s:
+            self._end(job, FAILED, f"only {len(sites)} site(s) connected ({', '.join(sites) or 'none'}); "
+                                   f"the job needs min_clients={spec.min_clients}; "
+                                   f"waited {self.s.schedule_timeout_s:g} s")
+        elif now - self._waiting_logged > 5:
+            self._waiting_logged = now
+            log.info("job %s waits for sites: %d of %d connected", job.job_id, len(sites), spec.min_clients)
+
+    # --- job lifecycle ----------------------------------------------------------------
+
+    def _publish_job_event(self, job: Job, spec: JobSpec | None = None) -> None:
+        meta = {"submitted_at": job.submitted_at, "started_at": job.started_at, "finished_at": job.finished_at}
+        if spec is not None:
+            meta.update({"deploy_map": spec.deploy_map, "min_clients": spec.min_clients,
+                         "num_rounds": spec.sag.num_rounds, "start_round": spec.sag.start_round})
+        ev = JobEvent(job.job_id, job.name, job.status, job.reason, meta, job.history)
+        self.bus.publish(self.names.events, rk_job(job.status), ev, headers={"job_id": job.job_id})
+
+    def _start(self, job: Job, resumed: bool = False) -> None:
+        spec = self._spec(job.job_id)
+        job.status = RUNNING
+        if not resumed:
+            job.started_at = time.time()
+        self.run_ = Run(job, spec, phase_since=time.monotonic())
+        self._save_state()
+        self._publish_job_event(job, spec)
+        p = spec.persistor
+        load = ModelLoad(job.job_id, p.model_dir, p.model_name, p.model) if p else ModelLoad(job.job_id)
+        self.bus.publish(self.names.events, RK_MODEL_LOAD, load, headers={"job_id": job.job_id})
+        log.info("job %s (%s) started%s", job.job_id, job.name, " again after a restart" if resumed else "")
+
+    def _end(self, job: Job, status: str, reason: str = "") -> None:
+        run = self.run_
+        job.status = status
+        job.reason = reason
+        job.finished_at = time.time()
+        if run is not None and run.job is job:
+            if run.record and run.record not in job.history:
+                run.record["close_reason"] = run.record.get("close_reason") or f"job {status}"
+                job.history.append(run.record)
+            targets = run.machine.targets if run.machine else ()
+            self.run_ = None
+            if status != FINISHED and targets:
+                self._to_sites(list(targets), Control("abort", job.job_id))
+        self._save_state()
+        self._publish_job_event(job)
+        log_fn = log.info if status == FINISHED else log.warning
+        log_fn("job %s %s%s", job.job_id, status, f": {reason}" if reason else "")
+
+    def _to_sites(self, sites: list[str], msg: Any) -> None:
+        """One publish fanned out by the broker to the sites' queues (CC)."""
+        if not sites:
+            return
+        try:
+            self.bus.publish(self.names.tasks, sites[0], msg, cc=sites[1:],
+                             headers={"job_id": getattr(msg, "job_id", "")})
+        except SagmqError as e:
+            log.warning("could not reach sites %s: %s", sites, e)
+
+    # --- rounds -----------------------------------------------------------------------
+
+    def _open_round(self, run: Run) -> None:
+        job, spec, sag = run.job, run.spec, run.spec.sag
+        r = job.current_round
+        assert r is not None
+        now = time.monotonic()
+        targets = self._eligible(spec, now)
+        if len(targets) < sag.min_clients:
+            self._end(job, FAILED, f"round {r}: only {len(targets)} site(s) available "
+                                   f"({', '.join(targets) or 'none'}), ScatterAndGather min_clients={sag.min_clients}")
+            return
+        run.task_id = uuid.uuid4().hex
+        run.machine = RoundMachine(sag, r, tuple(targets), now)
+        run.record = {"round": r, "targets": targets, "accepted": [], "rejected": [], "started_at": time.time()}
+        run.phase, run.phase_since = "training", now
+        agg = spec.aggregator
+        w = run.weights
+        self.bus.publish(self.names.events, RK_ROUND_OPEN, RoundOpen(
+            job.job_id, r, run.task_id, targets, agg.expected_data_kind, agg.aggregation_weights,
+            {k: v.dtype.str for k, v in w.items()}, {k: list(v.shape) for k, v in w.items()},
+            agg.exclude_vars, agg.weigh_by_local_iter,
+        ), headers={"job_id": job.job_id, "round": r})
+        task = TrainTask(
+            job.job_id, r, sag.num_rounds, sag.start_round, sag.train_task_name, run.task_id, targets,
+            DXO(WEIGHTS, w, {"current_round": r, "num_rounds": sag.num_rounds}),
+            spec.deploy_map, spec.client_apps(),
+        )
+        self.bus.publish(self.names.tasks, targets[0], task, cc=targets[1:],
+                         headers={"job_id": job.job_id, "round": r},
+                         expiration_s=sag.train_timeout or None)
+        log.info("Round %d of job %s started: task %s sent to %s", r, job.job_id, sag.train_task_name,
+                 ", ".join(targets))
+
+    def _close_round(self, run: Run, reason: str) -> None:
+        r = run.job.current_round
+        assert r is not None
+        run.record["close_reason"] = reason
+        run.phase, run.phase_since = "aggregating", time.monotonic()
+        self.bus.publish(self.names.events, RK_ROUND_CLOSE, RoundClose(run.job.job_id, r, reason),
+                         headers={"job_id": run.job.job_id, "round": r})
+        log.info("round %d of job %s closing: %s", r, run.job.job_id, reason)
+
+    def _advance(self, run: Run) -> None:
+        job = run.job
+        assert job.current_round is not None
+        job.current_round += 1
+        self._save_state()
+        if job.current_round >= run.spec.sag.start_round + run.spec.sag.num_rounds:
+            run.phase = "done"
+            self._end(job, FINISHED)
+        else:
+            self._open_round(run)
+
+    # --- events -----------------------------------------------------------------------
+
+    def on_event(self, d: Delivery) -> None:
+        """Heartbeats, contributions, aggregates, model loaded/saved."""
+        limit = self.s.max_body_bytes
+        t = d.msg_type
+        if t == ClientHeartbeat.TYPE:
+            self.on_heartbeat(decode(ClientHeartbeat, d.body, limit))
+            return
+        handlers = {
+            Contribution.TYPE: (Contribution, self.on_contribution),
+            RoundAggregated.TYPE: (RoundAggregated, self.on_aggregated),
+            ModelLoaded.TYPE: (ModelLoaded, self.on_loaded),
+            ModelSaved.TYPE: (ModelSaved, self.on_saved),
+        }
+        if t not in handlers:
+            raise Rejected(f"the server queue does not take {t!r} messages")
+        cls, fn = handlers[t]
+        msg = decode(cls, d.body, limit)
+        run = self.run_
+        if run is None or run.job.job_id != msg.job_id:  # type: ignore[attr-defined]
+            log.info("ignoring %s for job %s, which is not running", t, msg.job_id)  # type: ignore[attr-defined]
+            return
+        fn(run, msg)  # type: ignore[operator]
+
+    def on_heartbeat(self, hb: ClientHeartbeat) -> None:
+        known = hb.site in self.sites
+        self.sites[hb.site] = Site(hb.site, time.monotonic(), hb.host, hb.pid, hb.allow_custom_code,
+                                   hb.busy_job, hb.busy_round)
+        if hb.hello or not known:
+            log.info("site %s connected (host %s, pid %d)", hb.site, hb.host, hb.pid)
+
+    def on_contribution(self, run: Run, c: Contribution) -> None:
+        if run.phase != "training" or c.round != run.job.current_round or run.machine is None:
+            log.info("late verdict on %s for round %d of job %s: %s", c.site, c.round, c.job_id,
+                     "accepted" if c.accepted else c.reason)
+            return
+        if c.accepted:
+            run.record["accepted"].append(c.site)
+            log.info("Contribution from %s ACCEPTED at round %d", c.site, c.round)
+        else:
+            run.record["rejected"].append({"site": c.site, "rc": c.rc, "reason": c.reason})
+            log.warning("Contribution from %s REJECTED at round %d: %s", c.site, c.round, c.reason)
+        if c.rc == "UNSAFE_JOB":
+            self._end(run.job, FAILED, f"site {c.site} refused the job: {c.reason}")
+            return
+        fail = run.machine.on_contribution(c.site, c.accepted, c.rc, time.monotonic())
+        if fail is not None:
+            self._end(run.job, FAILED, fail)
+
+    def on_aggregated(self, run: Run, m: RoundAggregated) -> None:
+        job, sag = run.job, run.spec.sag
+        if run.phase != "aggregating" or m.round != job.current_round:
+            log.info("ignoring aggregate of round %d of job %s (phase %s)", m.round, m.job_id, run.phase)
+            return
+        run.record["aggregated"] = list(m.accepted)
+        run.record["closed_at"] = time.time()
+        run.record["seconds"] = round(run.record["closed_at"] - run.record["started_at"], 4)
+        if len(m.accepted) < sag.min_clients:
+            rejected = "; ".join(f"{x['site']}: {x['reason']}" for x in run.record["rejected"]) or "none"
+            self._end(job, FAILED, f"round {m.round} ended with {len(m.accepted)} accepted result(s), fewer than "
+                                   f"min_clients={sag.min_clients} ({run.record['close_reason']}; rejected: {rejected})")
+            return
+        try:
+            run.weights = apply_aggregate(run.weights, m.dxo)
+        except SagmqError as e:
+            self._end(job, FAILED, f"round {m.round}: {e}")
+            return
+        job.history.append(run.record)
+        run.record = {}
+        log.info("Round %d of job %s finished with %d contribution(s)", m.round, job.job_id, len(m.accepted))
+        p = run.spec.persistor
+        if p is not None and should_persist(sag, m.round):
+            run.phase, run.phase_since = "saving", time.monotonic()
+            save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name, job.history)
+            self.bus.publish(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round})
+        else:
+            self._advance(run)
+
+    def on_loaded(self, run: Run, m: ModelLoaded) -> None:
+        if run.phase != "loading":
+            return
+        sag = run.spec.sag
+        run.weights = {k: np.array(v) for k, v in m.dxo.data.items()}
+        resume = m.next_round if m.source == "saved" and m.next_round >= 0 else None
+        run.job.current_round = sag.start_round if resume is None else resume
+        log.info("job %s: model loaded from %s; starting at round %d", run.job.job_id, m.source,
+                 run.job.current_round)
+        if run.job.current_round >= sag.start_round + sag.num_rounds:
+            self._end(run.job, FINISHED)
+            return
+        self._open_round(run)
+
+    def on_saved(self, run: Run, m: ModelSaved) -> None:
+        if run.phase == "saving" and m.round == run.job.current_round:
+            self._advance(run)
+
+    # --- admin ------------------------------------------------------------------------
+
+    def on_admin(self, d: Delivery) -> None:
+        """submit, list, status, abort, shutdown."""
+        req = decode(AdminRequest, d.body, self.s.max_body_bytes)
+        try:
+            reply = self.admin(req)
+        except (SagmqError, KeyError, ValueError) as e:
+            reply = AdminReply(False, error=str(e))
+        self.bus.reply(d, reply)
+
+    def admin(self, req: AdminRequest) -> AdminReply:
+        cmd, args = req.command, req.args
+        if cmd == "submit":
+            try:
+                spec = parse_job(req.files)
+            except JobSpecError as e:
+                return AdminReply(False, error=f"invalid job: {e}")
+            job = Job(uuid.uuid4().hex, spec.name, SUBMITTED, time.time())
+            p = self._job_files(job.job_id)
+            atomic_write(p, pack(req.files))
+            self.jobs[job.job_id] = job
+            self._save_state()
+            self._publish_job_event(job, spec)
+            log.info("job %s (%s) submitted", job.job_id, job.name)
+            return AdminReply(True, {"job_id": job.job_id})
+        if cmd == "list":
+            return AdminReply(True, {"jobs": [j.summary() for j in sorted(self.jobs.values(),
+                                                                          key=lambda j: j.submitted_at)]})
+        if cmd == "status":
+            job_id = args.get("job_id")
+            if job_id:
+                job = self._job(job_id)
+                out = {**job.summary(), "history": job.history}
+                if self.run_ and self.run_.job is job:
+                    out["phase"] = self.run_.phase
+                    out["open_round"] = self.run_.record
+                return AdminReply(True, out)
+            now = time.monotonic()
+            sites = [{"site": s.name, "alive": now - s.last_seen <= self.s.client_timeout_s,
+                      "seen_s_ago": round(now - s.last_seen, 2), "host": s.host,
+                      "allow_custom_code": s.allow_custom_code, "busy_job": s.busy_job}
+                     for s in sorted(self.sites.values(), key=lambda s: s.name)]
+            return AdminReply(True, {"sites": sites, "running": self.run_.job.job_id if self.run_ else None,
+                                     "queued": [j.job_id for j in self.jobs.values() if j.status == SUBMITTED]})
+        if cmd == "abort":
+            job = self._job(args.get("job_id", ""))
+            if job.status in ENDED:
+                return AdminReply(False, error=f"job {job.job_id} already ended ({job.status})")
+            self._end(job, ABORTED, "aborted by the admin")
+            return AdminReply(True, {"job_id": job.job_id, "status": ABORTED})
+        if cmd == "shutdown":
+            return self._shutdown(str(args.get("target", "")), str(args.get("site", "")))
+        return AdminReply(False, error=f"unknown command {cmd!r}")
+
+    def _job(self, job_id: str) -> Job:
+        matches = [j for j in self.jobs.values() if j.job_id.startswith(job_id)] if job_id else []
+        if len(matches) != 1:
+            raise SagmqError(f"no job {job_id!r}" if not matches else f"job id prefix {job_id!r} is ambiguous")
+        return matches[0]
+
+    def _shutdown(self, target: str, site: str) -> AdminReply:
+        if target == "client":
+            if site not in self.sites:
+                return AdminReply(False, error=f"unknown site {site!r}")
+            self._to_sites([site], Control("shutdown", target=site))
+            return AdminReply(True, {"stopping": [site]})
+        if target not in ("all", "server"):
+            return AdminReply(False, error="shutdown takes all, server, or client NAME")
+        if self.run_ is not None:
+            return AdminReply(False, error=f"job {self.run_.job.job_id} is running; abort it first")
+        stopping = ["server"]
+        if target == "all":
+            self.bus.publish(self.names.events, rk_control("all"), Control("shutdown", target="all"))
+            sites = sorted(self.alive())
+            self._to_sites(sites, Control("shutdown", target="all"))
+            stopping += ["aggregator", "persistor", *sites]
+        self.stop.set()
+        return AdminReply(True, {"stopping": stopping})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `sagmq server`."""
+    settings = load_settings()
+    setup_logging(settings.log_level, "server")
+    bus = Bus(settings, "server").connect()
+    bus.declare(service_topology(settings.prefix))
+    svc = ServerService(settings, bus)
+    install_stop_signals(svc.stop)
+    svc.run()
+    bus.close()
+    return 0

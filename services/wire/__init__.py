@@ -1,0 +1,1 @@
+"""The wire layer shared by every sagmq service: topology, codec, messages, settings, bus."""

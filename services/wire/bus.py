@@ -1,0 +1,419 @@
+"""The only module that touches pika: connect with retry, declare, publish confirmed, consume.
+
+A Bus is one BlockingConnection owned by one thread. Every publish is persistent,
+confirmed and mandatory; every consume acks manually after the handler returns. A
+handler that raises DecodeError or Rejected has its message dead-lettered with the
+reason (and logged); any other exception is logged and dead-lettered too, so a bad
+message never stops a service. On a lost connection the bus reconnects with jittered
+backoff, redeclares its topology and resumes its consumers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions as px
+from pika.adapters.blocking_connection import BlockingChannel
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+
+from services.wire.errors import BrokerUnavailable, DecodeError, Rejected, RpcTimeout, SagmqError
+from services.wire.messages import SCHEMA_VERSION, Message
+from services.wire.settings import Settings
+from services.wire.topology import Names, Topology
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/msgpack"
+_AUTH_ERRORS = (px.ProbableAuthenticationError, px.ProbableAccessDeniedError, px.AuthenticationError)
+# Errors after which the connection is thrown away and rebuilt.
+_CONNECTION_ERRORS = (px.AMQPConnectionError, px.AMQPChannelError, px.StreamLostError, AssertionError)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One received message with the properties sagmq uses."""
+
+    queue: str
+    exchange: str
+    routing_key: str
+    msg_type: str
+    headers: dict[str, Any]
+    user_id: str | None
+    message_id: str | None
+    correlation_id: str | None
+    reply_to: str | None
+    redelivered: bool
+    body: bytes
+    tag: int
+    generation: int
+    deferred: bool = False
+
+    def header_str(self, key: str) -> str:
+        """A header as a string ('' when absent)."""
+        v = self.headers.get(key)
+        return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
+
+
+Handler = Callable[[Delivery], None]
+
+
+@dataclass(slots=True)
+class _Consumer:
+    queue: str
+    handler: Handler
+    prefetch: int
+
+
+@dataclass(slots=True)
+class _State:
+    topologies: list[Topology] = field(default_factory=list)
+    consumers: list[_Consumer] = field(default_factory=list)
+
+
+def _retryable(e: BaseException) -> bool:
+    return isinstance(e, px.AMQPConnectionError) and not isinstance(e, _AUTH_ERRORS)
+
+
+class Bus:
+    """A confirmed, reconnecting connection to the broker for one thread."""
+
+    def __init__(self, settings: Settings, service: str, connect_timeout_s: float = 300.0) -> None:
+        self.settings = settings
+        self.service = service
+        self.names = Names(settings.prefix)
+        self.connect_timeout_s = connect_timeout_s
+        self._state = _State()
+        self._conn: pika.BlockingConnection | None = None
+        self._ch: BlockingChannel | None = None
+        self._generation = 0
+        self.dead_lettered = 0
+
+    # --- connection -----------------------------------------------------------------
+
+    def _params(self) -> pika.URLParameters:
+        p = pika.URLParameters(self.settings.amqp_url)
+        p.heartbeat = 30
+        p.blocked_connection_timeout = 300
+        p.client_properties = {"connection_name": f"sagmq-{self.service}"}
+        return p
+
+    def _open_once(self) -> None:
+        self._conn = pika.BlockingConnection(self._params())
+        self._ch = self._conn.channel()
+        self._ch.confirm_delivery()
+        for topo in self._state.topologies:
+            self._declare(topo)
+        for c in self._state.consumers:
+            self._start_consumer(c)
+        self._generation += 1
+
+    def connect(self) -> Bus:
+        """Open the connection, retrying connection errors (not bad credentials)."""
+        retrying = Retrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_exponential(multiplier=0.2, max=10) + wait_random(0, 0.5),
+            stop=stop_after_delay(self.connect_timeout_s),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+        try:
+            retrying(self._open_once)
+        except _AUTH_ERRORS as e:
+            raise BrokerUnavailable(self._safe_url(), f"the broker refused the credentials ({e!r})") from e
+        except px.AMQPError as e:
+            raise BrokerUnavailable(self._safe_url(), f"{type(e).__name__}: {e}") from e
+        log.info("connected to broker %s as %s", self._safe_url(), self.service)
+        return self
+
+    def _safe_url(self) -> str:
+        url = self.settings.amqp_url
+        if "@" in url:
+            scheme, rest = url.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return url
+
+    def _reconnect(self, why: BaseException) -> None:
+        log.warning("connection lost (%s: %s); reconnecting", type(why).__name__, why)
+        self._drop()
+        self.connect()
+
+    def _drop(self) -> None:
+        conn, self._conn, self._ch = self._conn, None, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception:  # closing a broken connection may fail in many ways
+                pass
+
+    def close(self) -> None:
+        """Close the connection (pending unacked deliveries are requeued by the broker)."""
+        self._drop()
+
+    @property
+    def channel(self) -> BlockingChannel:
+        if self._ch is None:
+            raise SagmqError("the bus is not connected")
+        return self._ch
+
+    # --- topology -------------------------------------------------------------------
+
+    def declare(self, topo: Topology) -> None:
+        """Declare a topology now and again after every reconnect."""
+        self._state.topologies.append(topo)
+        if self._ch is not None:
+            self._declare(topo)
+
+    def _declare(self, topo: Topology) -> None:
+        ch = self.channel
+        for ex in topo.exchanges:
+            ch.exchange_declare(ex.name, ex.type, durable=True)
+        for q in topo.queues:
+            ch.queue_declare(q.name, durable=True, arguments=q.arguments)
+        for b in topo.bindings:
+            ch.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
+
+    # --- publishing -----------------------------------------------------------------
+
+    def properties(
+        self,
+        msg_type: str,
+        headers: dict[str, Any] | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        expiration_s: float | None = None,
+    ) -> pika.BasicProperties:
+        """AMQP properties every sagmq message carries."""
+        h = {"schema": SCHEMA_VERSION, "service": self.service}
+        if headers:
+            h.update({k: v for k, v in headers.items() if v is not None})
+        return pika.BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=uuid.uuid4().hex,
+            type=msg_type,
+            timestamp=int(time.time()),
+            user_id=self.settings.amqp_user,
+            app_id="sagmq",
+            headers=h,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            expiration=None if expiration_s is None else str(max(1, int(expiration_s * 1000))),
+        )
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        msg: Message,
+        headers: dict[str, Any] | None = None,
+        cc: list[str] | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        expiration_s: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish one message, persistent and confirmed; re-publish once after a reconnect."""
+        body = msg.encode()
+        if len(body) > self.settings.max_body_bytes:
+            raise SagmqError(
+                f"{msg.TYPE} message of {len(body)} bytes exceeds SAGMQ_MAX_BODY_BYTES={self.settings.max_body_bytes}"
+            )
+        h = dict(headers or {})
+        if cc:
+            h["CC"] = list(cc)
+        props = self.properties(msg.TYPE, h, reply_to, correlation_id, expiration_s)
+        self.publish_raw(exchange, routing_key, body, props, mandatory)
+
+    def publish_raw(
+        self, exchange: str, routing_key: str, body: bytes, props: pika.BasicProperties, mandatory: bool = True
+    ) -> None:
+        """Publish prepared bytes, confirmed; raise SagmqError if unroutable or nacked."""
+        for attempt in (1, 2):
+            try:
+                self.channel.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
+                return
+            except px.UnroutableError as e:
+                raise SagmqError(f"message to {exchange!r} with key {routing_key!r} was unroutable") from e
+            except px.NackError as e:
+                raise SagmqError(f"the broker refused a message to {exchange!r} ({routing_key!r})") from e
+            except _CONNECTION_ERRORS as e:
+                if attempt == 2:
+                    raise
+                self._reconnect(e)
+
+    def reply(self, request: Delivery, msg: Message) -> None:
+        """Answer an RPC request on its reply_to queue with its correlation_id."""
+        if not request.reply_to:
+            log.warning("request %s has no reply_to; reply dropped", request.message_id)
+            return
+        try:
+            # Not mandatory: RabbitMQ 3.10 returns direct reply-to publishes as NO_ROUTE even when delivered.
+            self.publish("", request.reply_to, msg, correlation_id=request.correlation_id, mandatory=False)
+        except SagmqError as e:  # the requester left; nothing else to do
+            log.warning("reply to %s not delivered: %s", request.reply_to, e)
+
+    # --- consuming ------------------------------------------------------------------
+
+    def consume(self, queue: str, handler: Handler, prefetch: int = 16) -> None:
+        """Deliver messages of a queue to handler, now and after every reconnect."""
+        c = _Consumer(queue, handler, prefetch)
+        self._state.consumers.append(c)
+        if self._ch is not None:
+            self._start_consumer(c)
+
+    def _start_consumer(self, c: _Consumer) -> None:
+        ch = self.channel
+        ch.basic_qos(prefetch_count=c.prefetch)
+        ch.basic_consume(c.queue, lambda _ch, m, p, b: self._dispatch(c, m, p, b), auto_ack=False)
+
+    def _dispatch(self, c: _Consumer, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        d = Delivery(
+            queue=c.queue,
+            exchange=method.exchange,
+            routing_key=method.routing_key,
+            msg_type=props.type or "",
+            headers=dict(props.headers or {}),
+            user_id=props.user_id,
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            redelivered=bool(method.redelivered),
+            body=body,
+            tag=method.delivery_tag,
+            generation=self._generation,
+        )
+        try:
+            c.handler(d)
+        except (DecodeError, Rejected) as e:
+            self.dead_letter(d, str(e))
+            return
+        except _CONNECTION_ERRORS:
+            raise
+        except Exception as e:  # a handler bug must not kill the service
+            log.exception("handler for %s failed on %s message", c.queue, d.msg_type)
+            self.dead_letter(d, f"internal error: {type(e).__name__}: {e}")
+            return
+        if not d.deferred:
+            self.ack(d)
+
+    def ack(self, d: Delivery) -> None:
+        """Ack a delivery on the channel it came from (skipped if that channel is gone)."""
+        if d.generation != self._generation or self._ch is None:
+            log.debug("not acking %s: its channel was replaced (the broker redelivers it)", d.message_id)
+            return
+        self._ch.basic_ack(d.tag)
+
+    def dead_letter(self, d: Delivery, reason: str) -> None:
+        """Log the reason, copy the message to P.dead with it, then ack the original."""
+        self.dead_lettered += 1
+        log.warning(
+            "dead-lettering %s message from queue %s (user %s, job %s, round %s, site %s): %s",
+            d.msg_type or "untyped",
+            d.queue,
+            d.user_id,
+            d.header_str("job_id"),
+            d.header_str("round"),
+            d.header_str("site"),
+            reason,
+        )
+        headers = {k: v for k, v in d.headers.items() if k != "CC"}
+        headers.update(
+            {
+                "x-sagmq-reason": reason[:2000],
+                "x-sagmq-queue": d.queue,
+                "x-sagmq-routing-key": d.routing_key,
+                "x-sagmq-original-type": d.msg_type,
+                "x-sagmq-original-user": d.user_id or "",
+                "x-sagmq-original-message-id": d.message_id or "",
+                "x-sagmq-dead-at": time.time(),
+            }
+        )
+        props = self.properties("dead", headers)
+        self.publish_raw(self.names.dead, "", d.body, props)
+        self.ack(d)
+
+    # --- running --------------------------------------------------------------------
+
+    def process(self, time_limit: float) -> None:
+        """Serve I/O (deliveries, heartbeats, thread-safe callbacks) for up to time_limit s."""
+        try:
+            if self._conn is None:
+                raise px.AMQPConnectionError("not connected")
+            self._conn.process_data_events(time_limit=time_limit)
+        except _CONNECTION_ERRORS as e:
+            self._reconnect(e)
+
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None, tick_s: float = 0.1) -> None:
+        """Serve until stop is set, calling tick every tick_s seconds."""
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            self.process(tick_s)
+            if tick is not None and time.monotonic() >= next_tick:
+                try:
+                    tick()
+                except _CONNECTION_ERRORS as e:
+                    self._reconnect(e)
+                next_tick = time.monotonic() + tick_s
+
+    def call_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Run fn on the bus's own thread at its next process() (the only cross-thread call)."""
+        if self._conn is None:
+            raise SagmqError("the bus is not connected")
+        self._conn.add_callback_threadsafe(fn)
+
+    # --- RPC ------------------------------------------------------------------------
+
+    def rpc(self, exchange: str, routing_key: str, msg: Message, timeout_s: float) -> Delivery:
+        """Send a request and wait for its reply over direct reply-to."""
+        ch = self.channel
+        corr = uuid.uuid4().hex
+        box: list[Delivery] = []
+
+        def on_reply(_ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            if props.correlation_id == corr:
+                box.append(
+                    Delivery(
+                        "amq.rabbitmq.reply-to", method.exchange, method.routing_key, props.type or "",
+                        dict(props.headers or {}), props.user_id, props.message_id, props.correlation_id,
+                        None, False, body, 0, self._generation,
+                    )
+                )
+
+        tag = ch.basic_consume("amq.rabbitmq.reply-to", on_reply, auto_ack=True)
+        try:
+            self.publish(exchange, routing_key, msg, reply_to="amq.rabbitmq.reply-to",
+                         correlation_id=corr, expiration_s=timeout_s)
+            deadline = time.monotonic() + timeout_s
+            while not box:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RpcTimeout(f"no reply to {msg.TYPE} {routing_key!r} within {timeout_s:g} s")
+                assert self._conn is not None
+                self._conn.process_data_events(time_limit=min(left, 0.2))
+        finally:
+            if self._ch is not None and self._ch.is_open:
+                self._ch.basic_cancel(tag)
+        return box[0]
+
+
+def delete_topology(bus: Bus, topo: Topology) -> None:
+    """Delete a topology's queues and exchanges (tests and `sagmq poc` clean up with it)."""
+    ch = bus.channel
+    for q in topo.queues:
+        ch.queue_delete(q.name)
+    for ex in topo.exchanges:
+        ch.exchange_delete(ex.name)

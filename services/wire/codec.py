@@ -1,0 +1,125 @@
+"""msgpack codec: DXOs with ndarrays as dtype + shape + raw little-endian bytes.
+
+An ndarray travels as the map ``{"dtype": "<f4", "shape": [3, 3], "data": <bin>}``.
+Decoding is ``np.frombuffer`` over the unpacked bytes (no further copy) and refuses
+object, string and void dtypes, lying lengths, unknown ext types and oversize bodies.
+Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from services.wire.errors import DecodeError
+
+# dtype.str values accepted on the wire (always little-endian or byte-order free).
+ALLOWED_DTYPES = frozenset(
+    ["<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"]
+)
+MAX_NDIM = 32
+
+WEIGHTS = "WEIGHTS"
+WEIGHT_DIFF = "WEIGHT_DIFF"
+METRICS = "METRICS"
+DATA_KINDS = frozenset([WEIGHTS, WEIGHT_DIFF, METRICS])
+
+
+@dataclass(frozen=True, slots=True)
+class DXO:
+    """NVFlare's Data Exchange Object: a kind, named arrays, and free-form meta."""
+
+    kind: str
+    data: Mapping[str, np.ndarray]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes of array data carried."""
+        return sum(int(a.nbytes) for a in self.data.values())
+
+
+def encode_array(a: np.ndarray) -> dict[str, Any]:
+    """An ndarray as a msgpack-ready map; the data is a view, not a copy, when possible."""
+    arr = np.asarray(a)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if arr.dtype.str not in ALLOWED_DTYPES:
+        raise DecodeError(f"dtype {arr.dtype.str!r} cannot travel on the wire")
+    arr = np.ascontiguousarray(arr)
+    data = memoryview(arr).cast("B") if arr.size else b""
+    return {"dtype": arr.dtype.str, "shape": list(arr.shape), "data": data}
+
+
+def decode_array(obj: Any, where: str = "array") -> np.ndarray:
+    """The inverse of encode_array; raises DecodeError with the reason."""
+    if not isinstance(obj, Mapping) or set(obj) != {"dtype", "shape", "data"}:
+        raise DecodeError(f"{where}: expected a map with dtype, shape and data")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise DecodeError(f"{where}: dtype {dtype!r} is not allowed")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise DecodeError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"{where}: data is not binary")
+    dt = np.dtype(dtype)
+    expected = math.prod(shape) * dt.itemsize
+    if len(data) != expected:
+        raise DecodeError(f"{where}: {len(data)} data bytes for shape {shape} of {dtype} ({expected} expected)")
+    return np.frombuffer(data, dtype=dt).reshape(shape)
+
+
+def encode_dxo(dxo: DXO) -> dict[str, Any]:
+    """A DXO as a msgpack-ready map."""
+    return {
+        "kind": dxo.kind,
+        "data": {str(k): encode_array(v) for k, v in dxo.data.items()},
+        "meta": dict(dxo.meta),
+    }
+
+
+def decode_dxo(obj: Any, where: str = "dxo") -> DXO:
+    """The inverse of encode_dxo; raises DecodeError with the reason."""
+    if not isinstance(obj, Mapping) or set(obj) != {"kind", "data", "meta"}:
+        raise DecodeError(f"{where}: expected a map with kind, data and meta")
+    kind, data, meta = obj["kind"], obj["data"], obj["meta"]
+    if not isinstance(kind, str):
+        raise DecodeError(f"{where}.kind: not a string")
+    if not isinstance(data, Mapping):
+        raise DecodeError(f"{where}.data: not a map")
+    if not isinstance(meta, Mapping):
+        raise DecodeError(f"{where}.meta: not a map")
+    arrays = {k: decode_array(v, f"{where}.data[{k!r}]") for k, v in data.items()}
+    return DXO(kind=kind, data=arrays, meta=dict(meta))
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise DecodeError(f"msgpack ext type {code} is not part of the sagmq wire format")
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack bytes of a plain structure (maps, lists, scalars, binary)."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True, datetime=False)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DecodeError(f"cannot encode: {e}") from e
+
+
+def unpack(body: bytes, max_bytes: int) -> Any:
+    """Decode a body, refusing oversize input, ext types and non-string map keys."""
+    if len(body) > max_bytes:
+        raise DecodeError(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, timestamp=0)
+    except DecodeError:
+        raise
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise DecodeError(f"body is not valid msgpack: {type(e).__name__}: {e}") from e

@@ -1,0 +1,365 @@
+"""Every message sagmq sends, as frozen dataclasses, with symmetric wire conversion.
+
+Each class has a ``TYPE`` (the AMQP ``type`` property and the schema file name under
+schemas/). ``to_wire`` gives a msgpack-ready map; ``from_wire`` checks every field
+against the class's type hints and raises DecodeError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from services.wire.codec import DXO, decode_dxo, encode_dxo, pack, unpack
+from services.wire.errors import DecodeError
+
+SCHEMA_VERSION = "1"
+
+# NVFlare ReturnCode values that sagmq uses.
+RC_OK = "OK"
+RC_EXECUTION_EXCEPTION = "EXECUTION_EXCEPTION"
+RC_TASK_UNKNOWN = "TASK_UNKNOWN"
+RC_BAD_TASK_DATA = "BAD_TASK_DATA"
+RC_TASK_ABORTED = "TASK_ABORTED"
+RC_UNSAFE_JOB = "UNSAFE_JOB"
+
+# Job statuses.
+SUBMITTED = "submitted"
+RUNNING = "running"
+FINISHED = "finished"
+FAILED = "failed"
+ABORTED = "aborted"
+JOB_STATUSES = (SUBMITTED, RUNNING, FINISHED, FAILED, ABORTED)
+
+Files = dict[str, bytes]
+
+
+class Message:
+    """Base of every message type."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """A msgpack-ready map of this message."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = _to_wire(getattr(self, f.name))
+        return out
+
+    def encode(self) -> bytes:
+        """msgpack bytes of this message."""
+        return pack(self.to_wire())
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _to_wire(v: Any) -> Any:
+    if isinstance(v, DXO):
+        return encode_dxo(v)
+    if isinstance(v, Mapping):
+        return {k: _to_wire(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_to_wire(x) for x in v]
+    return v
+
+
+def _plain(v: Any, where: str) -> Any:
+    """Check a free-form value holds only msgpack's plain types."""
+    if v is None or isinstance(v, bool | int | float | str | bytes):
+        return v
+    if isinstance(v, list):
+        return [_plain(x, where) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x, f"{where}.{k}") for k, x in v.items()}
+    raise DecodeError(f"{where}: value of type {type(v).__name__} is not allowed")
+
+
+def _check(v: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return _plain(v, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            if alt is type(None):
+                if v is None:
+                    return None
+                continue
+            try:
+                return _check(v, alt, where)
+            except DecodeError as e:
+                errors.append(str(e))
+        raise DecodeError(errors[0] if errors else f"{where}: must be null")
+    if tp is DXO:
+        return decode_dxo(v, where)
+    if tp is float:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return float(v)
+        raise DecodeError(f"{where}: expected a number, got {type(v).__name__}")
+    if tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        raise DecodeError(f"{where}: expected an integer, got {type(v).__name__}")
+    if tp in (str, bool, bytes):
+        if isinstance(v, tp) and not (tp is not bool and isinstance(v, bool)):
+            return v
+        raise DecodeError(f"{where}: expected {tp.__name__}, got {type(v).__name__}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(v, list):
+            raise DecodeError(f"{where}: expected a list, got {type(v).__name__}")
+        return [_check(x, item, f"{where}[{i}]") for i, x in enumerate(v)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(v, Mapping):
+            raise DecodeError(f"{where}: expected a map, got {type(v).__name__}")
+        return {_check(k, kt, f"{where} key"): _check(x, vt, f"{where}[{k!r}]") for k, x in v.items()}
+    raise TypeError(f"unsupported wire type {tp!r} at {where}")  # a bug in a message class
+
+
+def from_wire(cls: type[M], obj: Any) -> M:
+    """Build a message of class cls from a decoded map, checking every field."""
+    if not isinstance(obj, Mapping):
+        raise DecodeError(f"{cls.TYPE}: body is not a map")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = set()
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        names.add(f.name)
+        if f.name not in obj:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise DecodeError(f"{cls.TYPE}: field {f.name!r} is missing")
+        kwargs[f.name] = _check(obj[f.name], hints[f.name], f"{cls.TYPE}.{f.name}")
+    unknown = set(obj) - names
+    if unknown:
+        raise DecodeError(f"{cls.TYPE}: unknown fields {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+def decode(cls: type[M], body: bytes, max_bytes: int) -> M:
+    """Bytes to a message of class cls, or DecodeError."""
+    return from_wire(cls, unpack(body, max_bytes))
+
+
+# --- scatter and gather -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrainTask(Message):
+    """The server's task for one round, published once and fanned out to the targets."""
+
+    TYPE: ClassVar[str] = "task"
+    job_id: str
+    round: int
+    num_rounds: int
+    start_round: int
+    task_name: str
+    task_id: str
+    targets: list[str]
+    dxo: DXO
+    deploy_map: dict[str, list[str]]
+    apps: dict[str, Files]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult(Message):
+    """A site's answer to a task: a DXO when rc is OK, else an error text."""
+
+    TYPE: ClassVar[str] = "result"
+    job_id: str
+    round: int
+    task_name: str
+    task_id: str
+    site: str
+    rc: str
+    dxo: DXO | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOpen(Message):
+    """Tells the aggregator a round started, with its aggregator settings."""
+
+    TYPE: ClassVar[str] = "round.open"
+    job_id: str
+    round: int
+    task_id: str
+    targets: list[str]
+    expected_data_kind: str
+    aggregation_weights: dict[str, float]
+    var_dtypes: dict[str, str]
+    var_shapes: dict[str, list[int]]
+    exclude_vars: str = ""
+    weigh_by_local_iter: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RoundClose(Message):
+    """Tells the aggregator to finish a round and publish the aggregate."""
+
+    TYPE: ClassVar[str] = "round.close"
+    job_id: str
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution(Message):
+    """The aggregator's verdict on one result (accepted or rejected with a reason)."""
+
+    TYPE: ClassVar[str] = "contribution"
+    job_id: str
+    round: int
+    site: str
+    accepted: bool
+    rc: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundAggregated(Message):
+    """The aggregate of a closed round (None when no contribution was accepted)."""
+
+    TYPE: ClassVar[str] = "round.aggregated"
+    job_id: str
+    round: int
+    accepted: list[str]
+    dxo: DXO | None = None
+
+
+# --- persistence ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoad(Message):
+    """Asks the persistor for a job's starting model."""
+
+    TYPE: ClassVar[str] = "model.load"
+    job_id: str
+    model_dir: str = "models"
+    model_name: str = "server.npy"
+    initial: list[Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoaded(Message):
+    """The persistor's answer to model.load; next_round > start means a resumed job."""
+
+    TYPE: ClassVar[str] = "model.loaded"
+    job_id: str
+    source: str
+    dxo: DXO
+    next_round: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSave(Message):
+    """Asks the persistor to save a round's global model and the job's history."""
+
+    TYPE: ClassVar[str] = "model.save"
+    job_id: str
+    round: int
+    dxo: DXO
+    model_dir: str = "models"
+    model_name: str = "server.npy"
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSaved(Message):
+    """The persistor saved a round's model durably (written, fsynced, renamed)."""
+
+    TYPE: ClassVar[str] = "model.saved"
+    job_id: str
+    round: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent(Message):
+    """A job changed status; carries the job's meta and history for the persistor."""
+
+    TYPE: ClassVar[str] = "job"
+    job_id: str
+    name: str
+    status: str
+    reason: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- sites and control -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHeartbeat(Message):
+    """A site says it is alive (first one: hello)."""
+
+    TYPE: ClassVar[str] = "client.heartbeat"
+    site: str
+    hello: bool
+    host: str
+    pid: int
+    allow_custom_code: bool
+    busy_job: str = ""
+    busy_round: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Control(Message):
+    """An order to services or sites: abort a job's work, or shut down."""
+
+    TYPE: ClassVar[str] = "control"
+    command: str
+    job_id: str = ""
+    target: str = ""
+
+
+# --- admin RPC ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest(Message):
+    """A command from the sagmq CLI; the reply goes to reply_to with correlation_id."""
+
+    TYPE: ClassVar[str] = "admin.request"
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+    files: Files = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminReply(Message):
+    """The answer to an admin request."""
+
+    TYPE: ClassVar[str] = "admin.reply"
+    ok: bool
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    files: Files = field(default_factory=dict)
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    TrainTask,
+    TaskResult,
+    RoundOpen,
+    RoundClose,
+    Contribution,
+    RoundAggregated,
+    ModelLoad,
+    ModelLoaded,
+    ModelSave,
+    ModelSaved,
+    JobEvent,
+    ClientHeartbeat,
+    Control,
+    AdminRequest,
+    AdminReply,
+)
+BY_TYPE: dict[str, type[Message]] = {m.TYPE: m for m in ALL_MESSAGES}

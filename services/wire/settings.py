@@ -1,0 +1,103 @@
+"""One frozen Settings object built from SAGMQ_* environment variables, validated at start."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from services.wire.errors import ConfigError
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a sagmq process reads from its environment."""
+
+    amqp_url: str = DEFAULT_URL
+    prefix: str = "sag"
+    workspace: Path = Path("workspace")
+    site: str = ""
+    heartbeat_s: float = 2.0
+    client_timeout_s: float = 10.0
+    schedule_timeout_s: float = 60.0
+    max_body_bytes: int = 120 * 2**20
+    rpc_timeout_s: float = 30.0
+    allow_custom_code: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def amqp_user(self) -> str:
+        """The user name in the AMQP URL (the broker validates it as user_id)."""
+        return unquote(urlparse(self.amqp_url).username or "guest")
+
+    def with_site(self, site: str) -> Settings:
+        """A copy naming this process's site, validated."""
+        check_name("site", site)
+        return replace(self, site=site)
+
+
+def check_name(what: str, value: str) -> str:
+    """Refuse names that could not be part of a queue name or a file name."""
+    if not _NAME.match(value):
+        raise ConfigError(
+            f"{what} {value!r} is not a valid name (letters, digits, '_', '.', '-'; at most 63 chars)"
+        )
+    return value
+
+
+def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise ConfigError(f"{key}={raw!r} is not a number") from e
+    if value < minimum:
+        raise ConfigError(f"{key}={raw!r} must be >= {minimum}")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment (or the mapping given), raising ConfigError."""
+    env = os.environ if env is None else env
+    url = env.get("SAGMQ_AMQP_URL") or DEFAULT_URL
+    parsed = urlparse(url)
+    if parsed.scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"SAGMQ_AMQP_URL must start with amqp:// or amqps://, got {url!r}")
+    prefix = check_name("SAGMQ_PREFIX", env.get("SAGMQ_PREFIX") or "sag")
+    site = env.get("SAGMQ_SITE") or ""
+    if site:
+        check_name("SAGMQ_SITE", site)
+    level = (env.get("SAGMQ_LOG_LEVEL") or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"SAGMQ_LOG_LEVEL={level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    max_body = int(_float(env, "SAGMQ_MAX_BODY_BYTES", 120 * 2**20, 1024))
+    if max_body > 128 * 2**20:
+        raise ConfigError("SAGMQ_MAX_BODY_BYTES must stay below the broker's 128 MiB max_message_size")
+    return Settings(
+        amqp_url=url,
+        prefix=prefix,
+        workspace=Path(env.get("SAGMQ_WORKSPACE") or "workspace"),
+        site=site,
+        heartbeat_s=_float(env, "SAGMQ_HEARTBEAT_S", 2.0, 0.1),
+        client_timeout_s=_float(env, "SAGMQ_CLIENT_TIMEOUT_S", 10.0, 0.5),
+        schedule_timeout_s=_float(env, "SAGMQ_SCHEDULE_TIMEOUT_S", 60.0, 0.0),
+        max_body_bytes=max_body,
+        rpc_timeout_s=_float(env, "SAGMQ_RPC_TIMEOUT_S", 30.0, 0.1),
+        allow_custom_code=(env.get("SAGMQ_ALLOW_CUSTOM_CODE", "").lower() in ("1", "true", "yes")),
+        log_level=level,
+    )
+
+
+def default_site_name() -> str:
+    """The hostname, so that scaled containers get distinct site names."""
+    host = socket.gethostname().split(".")[0] or "site"
+    return re.sub(r"[^A-Za-z0-9_.\-]", "-", host)[:63]

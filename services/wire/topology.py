@@ -1,0 +1,187 @@
+"""The one declaration of sagmq's exchanges, queues and bindings (prefix P, default ``sag``).
+
+Who publishes what, and who consumes it::
+
+    server ──task (rk=<site>, CC=<other targets>)──▶ P.tasks (direct) ──▶ P.site.<site> ──▶ client
+    server ──control (abort / shutdown)───────────▶ P.tasks           ──▶ P.site.<site> ──▶ client
+    client ──result (rk=result)───────────────────▶ P.results (direct) ─▶ P.results ────▶ aggregator
+    everyone ─events (topic)──────────────────────▶ P.events
+        round.open, round.close, job.<status>, control.aggregator|all ──▶ P.aggregator ─▶ aggregator
+        contribution, round.aggregated, model.loaded, model.saved,
+        client.heartbeat                                          ──▶ P.server ─────▶ server
+        model.load, model.save, job.<status>, control.persistor|all  ──▶ P.persistor ──▶ persistor
+    sagmq CLI ──admin.request (rk=server|persistor, reply_to)───▶ P.admin (direct)
+        ──▶ P.server.admin ──▶ server;  ──▶ P.persistor ──▶ persistor;  replies via direct reply-to
+    any consumer ──a message it cannot process, with the reason──▶ P.dead (fanout) ──▶ P.dead
+
+Every queue is durable; every work queue dead-letters to P.dead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DIRECT, TOPIC, FANOUT = "direct", "topic", "fanout"
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """An exchange to declare."""
+
+    name: str
+    type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """A queue to declare, with its arguments."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A binding of a queue to an exchange with a routing key (pattern)."""
+
+    queue: str
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """What declare() creates."""
+
+    exchanges: tuple[Exchange, ...]
+    queues: tuple[Queue, ...]
+    bindings: tuple[Binding, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Every exchange and queue name, derived from the prefix."""
+
+    prefix: str
+
+    @property
+    def tasks(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def admin(self) -> str:
+        return f"{self.prefix}.admin"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def server_queue(self) -> str:
+        return f"{self.prefix}.server"
+
+    @property
+    def server_admin_queue(self) -> str:
+        return f"{self.prefix}.server.admin"
+
+    @property
+    def aggregator_queue(self) -> str:
+        return f"{self.prefix}.aggregator"
+
+    @property
+    def persistor_queue(self) -> str:
+        return f"{self.prefix}.persistor"
+
+    @property
+    def results_queue(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.dead"
+
+    def site_queue(self, site: str) -> str:
+        """The queue a site reads its tasks and control messages from."""
+        return f"{self.prefix}.site.{site}"
+
+
+# Routing keys on the events exchange.
+RK_RESULT = "result"
+RK_ROUND_OPEN = "round.open"
+RK_ROUND_CLOSE = "round.close"
+RK_CONTRIBUTION = "contribution"
+RK_ROUND_AGGREGATED = "round.aggregated"
+RK_MODEL_LOAD = "model.load"
+RK_MODEL_LOADED = "model.loaded"
+RK_MODEL_SAVE = "model.save"
+RK_MODEL_SAVED = "model.saved"
+RK_HEARTBEAT = "client.heartbeat"
+RK_ADMIN_SERVER = "server"
+RK_ADMIN_PERSISTOR = "persistor"
+
+
+def rk_job(status: str) -> str:
+    """Routing key of a job status event."""
+    return f"job.{status}"
+
+
+def rk_control(target: str) -> str:
+    """Routing key of a control message for 'aggregator', 'persistor' or 'all'."""
+    return f"control.{target}"
+
+
+def work_queue_arguments(names: Names) -> dict[str, Any]:
+    """Arguments of every work queue: classic, dead-lettered to P.dead."""
+    return {"x-queue-type": "classic", "x-dead-letter-exchange": names.dead}
+
+
+def service_topology(prefix: str) -> Topology:
+    """Everything but the per-site queues."""
+    n = Names(prefix)
+    args = work_queue_arguments(n)
+    exchanges = (
+        Exchange(n.tasks, DIRECT),
+        Exchange(n.results, DIRECT),
+        Exchange(n.events, TOPIC),
+        Exchange(n.admin, DIRECT),
+        Exchange(n.dead, FANOUT),
+    )
+    queues = (
+        Queue(n.results_queue, args),
+        Queue(n.server_queue, args),
+        Queue(n.server_admin_queue, args),
+        Queue(n.aggregator_queue, args),
+        Queue(n.persistor_queue, args),
+        Queue(n.dead_queue, {"x-queue-type": "classic"}),
+    )
+    ev = n.events
+    bindings = [Binding(n.results_queue, n.results, RK_RESULT), Binding(n.dead_queue, n.dead, "")]
+    for rk in (RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_MODEL_LOADED, RK_MODEL_SAVED, RK_HEARTBEAT):
+        bindings.append(Binding(n.server_queue, ev, rk))
+    for rk in (RK_ROUND_OPEN, RK_ROUND_CLOSE, "job.*", rk_control("aggregator"), rk_control("all")):
+        bindings.append(Binding(n.aggregator_queue, ev, rk))
+    for rk in (RK_MODEL_LOAD, RK_MODEL_SAVE, "job.*", rk_control("persistor"), rk_control("all")):
+        bindings.append(Binding(n.persistor_queue, ev, rk))
+    bindings.append(Binding(n.server_admin_queue, n.admin, RK_ADMIN_SERVER))
+    bindings.append(Binding(n.persistor_queue, n.admin, RK_ADMIN_PERSISTOR))
+    return Topology(exchanges, queues, tuple(bindings))
+
+
+def site_topology(prefix: str, site: str) -> Topology:
+    """A site's own queue, bound to the tasks exchange under its name."""
+    n = Names(prefix)
+    q = n.site_queue(site)
+    return Topology(
+        exchanges=(Exchange(n.tasks, DIRECT), Exchange(n.dead, FANOUT)),
+        queues=(Queue(q, work_queue_arguments(n)),),
+        bindings=(Binding(q, n.tasks, site),),
+    )
