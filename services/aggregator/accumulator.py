@@ -55,14 +55,14 @@ class Accumulator:
             raise Rejected(f"site {site} returned rc {rc}: {error or 'no reason given'}")
         if site not in self.targets:
             raise Rejected(f"site {site} is not a target of this round")
-        if site in self.accepted:
-            raise Rejected(f"duplicate: a contribution from site {site} was already accepted this round")
         if dxo is None:
             raise Rejected(f"site {site} sent no DXO")
         if dxo.kind not in DATA_KINDS:
             raise Rejected(f"cannot handle data kind {dxo.kind!r}")
         if dxo.kind != self.config.expected_data_kind:
             raise Rejected(f"expected data kind {self.config.expected_data_kind} but got {dxo.kind}")
+        if site in self.accepted:
+            raise Rejected(f"duplicate: a contribution from site {site} was already accepted this round")
         steps = dxo.meta.get(NUM_STEPS, 1)
         if isinstance(steps, bool) or not isinstance(steps, int | float) or not math.isfinite(steps) or steps < 0:
             raise Rejected(f"meta {NUM_STEPS}={steps!r} is not a non-negative number")

@@ -44,4 +44,6 @@ class AdminClient:
         return self.call("status", {"job_id": job_id} if job_id else {}).result
 
     def download(self, job_id: str) -> dict[str, bytes]:
-        return self.call("download", {"job_id": job_id}, to=RK_ADMIN_PERSISTOR).files
+        """Every file the persistor holds for the job (a unique id prefix is resolved by the server)."""
+        full = str(self.status(job_id)["job_id"])
+        return self.call("download", {"job_id": full}, to=RK_ADMIN_PERSISTOR).files
