@@ -339,11 +339,20 @@ class Bus:
                 "x-sagmq-original-type": d.msg_type,
                 "x-sagmq-original-user": d.user_id or "",
                 "x-sagmq-original-message-id": d.message_id or "",
-                "x-sagmq-dead-at": time.time(),
+                "x-sagmq-dead-at": int(time.time() * 1000),  # AMQP tables take no floats
             }
         )
         props = self.properties("dead", headers)
-        self.publish_raw(self.names.dead, "", d.body, props)
+        try:
+            self.publish_raw(self.names.dead, "", d.body, props)
+        except _CONNECTION_ERRORS:
+            raise
+        except Exception:  # never lose the message: let the queue's own DLX take it, reason logged above
+            log.exception("could not copy the message to %s; rejecting it to the queue's dead-letter exchange",
+                          self.names.dead)
+            if d.generation == self._generation and self._ch is not None:
+                self._ch.basic_nack(d.tag, requeue=False)
+            return
         self.ack(d)
 
     # --- running --------------------------------------------------------------------

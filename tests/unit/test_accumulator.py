@@ -1,0 +1,366 @@
+"""InTimeAccumulateWeightedAggregator's math, checks and memory, with no broker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.aggregator.accumulator import NUM_STEPS, Accumulator, VarSpec
+from services.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS
+from services.wire.errors import Rejected
+from services.wire.jobspec import AggregatorConfig
+from services.wire.messages import RC_EXECUTION_EXCEPTION, RC_OK
+
+SITES = ("a", "b", "c")
+AGG_W = {"a": 1.0, "b": 2.0, "c": 0.5}
+STEPS = {"a": 1, "b": 3, "c": 2}
+
+
+def make(kind: str = WEIGHT_DIFF, targets: tuple[str, ...] = SITES, spec: dict[str, VarSpec] | None = None,
+         weights: dict[str, float] | None = None, exclude: str = "", by_iter: bool = True) -> Accumulator:
+    cfg = AggregatorConfig(kind, dict(AGG_W if weights is None else weights), exclude, by_iter)
+    return Accumulator(cfg, frozenset(targets), {} if spec is None else spec)
+
+
+def spec_of(model: dict[str, np.ndarray]) -> dict[str, VarSpec]:
+    return {k: VarSpec(v.dtype.str, tuple(v.shape)) for k, v in model.items()}
+
+
+def dxo(kind: str, data: dict[str, np.ndarray], steps: object = None) -> DXO:
+    return DXO(kind, data, {} if steps is None else {NUM_STEPS: steps})
+
+
+# --- the formula -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [WEIGHT_DIFF, WEIGHTS])
+def test_weighted_average_of_three_sites(kind: str) -> None:
+    rng = np.random.default_rng(1234)
+    data = {s: {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+            for s in SITES}
+    model = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(5, np.float32)}
+    acc = make(kind, spec=spec_of(model))
+    for s in SITES:
+        acc.accept(s, RC_OK, dxo(kind, data[s], STEPS[s]))
+    out = acc.result()
+    assert out is not None
+    assert out.kind == kind
+    assert acc.accepted == list(SITES)
+    w = [AGG_W[s] * STEPS[s] for s in SITES]  # 1, 6, 1
+    for var in ("w", "b"):
+        want = np.average(np.stack([data[s][var].astype(np.float64) for s in SITES]), axis=0, weights=w)
+        np.testing.assert_allclose(out.data[var], want, rtol=1e-6, atol=1e-7)
+        assert out.data[var].dtype == np.float32
+
+
+def test_fixed_vectors_against_float64_hand_computation() -> None:
+    vecs = {"a": [1.0, 2.0, 3.0, 4.0], "b": [10.0, 20.0, 30.0, 40.0], "c": [-4.0, 0.0, 4.0, 8.0]}
+    acc = make(WEIGHT_DIFF, spec={"x": VarSpec("<f4", (4,))})
+    for s in SITES:
+        acc.accept(s, RC_OK, dxo(WEIGHT_DIFF, {"x": np.array(vecs[s], np.float32)}, STEPS[s]))
+    # weights: a 1*1=1, b 2*3=6, c 0.5*2=1; total 8
+    want = [(1 * vecs["a"][i] + 6 * vecs["b"][i] + 1 * vecs["c"][i]) / 8.0 for i in range(4)]
+    assert want == [57 / 8, 122 / 8, 187 / 8, 252 / 8] == [7.125, 15.25, 23.375, 31.5]
+    out = acc.result()
+    assert out is not None
+    np.testing.assert_allclose(out.data["x"], np.array(want, np.float64), rtol=1e-6)
+    assert acc.weights["x"] == 8.0
+
+
+def test_default_weight_is_one_and_default_steps_is_one() -> None:
+    acc = make(WEIGHTS, targets=("p", "q"), weights={}, spec={"x": VarSpec("<f8", (2,))})
+    acc.accept("p", RC_OK, dxo(WEIGHTS, {"x": np.array([0.0, 10.0])}))
+    acc.accept("q", RC_OK, dxo(WEIGHTS, {"x": np.array([2.0, 20.0])}))
+    out = acc.result()
+    assert out is not None
+    np.testing.assert_array_equal(out.data["x"], [1.0, 15.0])
+
+
+def test_hello_numpy_sag_two_sites_give_exactly_the_same_model() -> None:
+    trained = np.arange(2, 11, dtype=np.float32).reshape(3, 3)  # [[2..10]]
+    acc = make(WEIGHTS, targets=("site-1", "site-2"), weights={"site-1": 1.0, "site-2": 1.0},
+               spec={"numpy_key": VarSpec("<f4", (3, 3))})
+    for s in ("site-1", "site-2"):
+        acc.accept(s, RC_OK, dxo(WEIGHTS, {"numpy_key": trained.copy()}, 1))
+    out = acc.result()
+    assert out is not None
+    assert out.data["numpy_key"].dtype == np.float32
+    np.testing.assert_array_equal(out.data["numpy_key"], trained)
+    assert out.meta["accepted"] == ["site-1", "site-2"]
+
+
+def test_per_variable_denominators_when_a_site_omits_a_variable() -> None:
+    spec = {"x": VarSpec("<f8", (2,)), "y": VarSpec("<f8", (2,))}
+    acc = make(WEIGHT_DIFF, targets=("a", "b"), spec=spec)
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([1.0, 1.0]), "y": np.array([3.0, 6.0])}, 1))  # w 1
+    acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([4.0, 7.0])}, 1))  # w 2
+    out = acc.result()
+    assert out is not None
+    np.testing.assert_allclose(out.data["x"], [(1 + 2 * 4) / 3, (1 + 2 * 7) / 3])
+    np.testing.assert_allclose(out.data["y"], [3.0, 6.0])  # only a's weight in y's denominator
+    assert acc.weights == {"x": 3.0, "y": 1.0}
+
+
+def test_exclude_vars_skips_matching_variables() -> None:
+    spec = {"conv.weight": VarSpec("<f4", (2,)), "bn.running_mean": VarSpec("<f4", (2,))}
+    acc = make(WEIGHT_DIFF, targets=("a", "b"), spec=spec, exclude=r"running_")
+    for s, v in (("a", 1.0), ("b", 3.0)):
+        acc.accept(s, RC_OK, dxo(WEIGHT_DIFF, {"conv.weight": np.full(2, v, np.float32),
+                                               "bn.running_mean": np.full(2, np.float32(100.0))}, 1))
+    out = acc.result()
+    assert out is not None
+    assert set(out.data) == {"conv.weight"}
+    assert "bn.running_mean" not in acc.sums
+    np.testing.assert_allclose(out.data["conv.weight"], [(1 + 2 * 3) / 3] * 2, rtol=1e-6)
+
+
+def test_exclude_vars_does_not_check_excluded_variables() -> None:
+    # An excluded variable is skipped before its shape or values are looked at.
+    acc = make(WEIGHT_DIFF, targets=("a",), spec={"x": VarSpec("<f4", (2,))}, exclude="^skip")
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.ones(2, np.float32), "skip_me": np.array([np.nan])}, 1))
+    assert acc.accepted == ["a"]
+
+
+def test_weigh_by_local_iter_false_sums_unweighted_but_divides_by_weights() -> None:
+    acc = make(WEIGHT_DIFF, targets=("a", "b"), weights={"a": 1.0, "b": 100.0},
+               spec={"x": VarSpec("<f8", (1,))}, by_iter=False)
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([2.0])}, 1))
+    acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([4.0])}, 1))
+    out = acc.result()
+    assert out is not None
+    np.testing.assert_allclose(out.data["x"], [(2 + 4) / (1 + 100)], rtol=1e-12)
+
+
+def test_zero_steps_contribution_is_accepted_but_weighs_nothing() -> None:
+    acc = make(WEIGHT_DIFF, targets=("a", "b"), spec={"x": VarSpec("<f8", (1,))})
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([2.0])}, 0))
+    acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([5.0])}, 1))
+    out = acc.result()
+    assert out is not None
+    np.testing.assert_allclose(out.data["x"], [5.0])
+
+
+def test_float_steps_are_allowed() -> None:
+    acc = make(WEIGHT_DIFF, targets=("a", "b"), weights={}, spec={"x": VarSpec("<f8", (1,))})
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([1.0])}, 0.5))
+    acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([4.0])}, 1.5))
+    out = acc.result()
+    assert out is not None
+    np.testing.assert_allclose(out.data["x"], [(0.5 + 6.0) / 2.0])
+
+
+def test_integer_contributions_to_an_integer_model_are_averaged_in_float() -> None:
+    acc = make(WEIGHTS, targets=("a", "b"), weights={}, spec={"n": VarSpec("<i8", (2,))})
+    acc.accept("a", RC_OK, dxo(WEIGHTS, {"n": np.array([1, 2], np.int64)}, 1))
+    acc.accept("b", RC_OK, dxo(WEIGHTS, {"n": np.array([4, 6], np.int64)}, 1))
+    assert acc.sums["n"].dtype == np.float64
+    out = acc.result()
+    assert out is not None
+    assert out.data["n"].dtype == np.int64
+    np.testing.assert_array_equal(out.data["n"], [2, 4])
+
+
+# --- rejections ---------------------------------------------------------------------------
+
+
+X_SPEC = {"x": VarSpec("<f4", (3,)), "y": VarSpec("<f4", (2,))}
+
+
+def ok_data() -> dict[str, np.ndarray]:
+    return {"x": np.ones(3, np.float32), "y": np.ones(2, np.float32)}
+
+
+def test_reject_rc_not_ok() -> None:
+    acc = make(spec=X_SPEC)
+    with pytest.raises(Rejected) as e:
+        acc.accept("a", RC_EXECUTION_EXCEPTION, dxo(WEIGHT_DIFF, ok_data(), 1), "it crashed")
+    assert RC_EXECUTION_EXCEPTION in e.value.reason
+    assert "it crashed" in e.value.reason
+    assert acc.accepted == []
+
+
+def test_reject_site_not_in_targets() -> None:
+    acc = make(spec=X_SPEC)
+    with pytest.raises(Rejected, match="not a target") as e:
+        acc.accept("mallory", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    assert "mallory" in e.value.reason
+
+
+def test_reject_duplicate_site() -> None:
+    acc = make(spec=X_SPEC)
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    before = {k: v.copy() for k, v in acc.sums.items()}
+    with pytest.raises(Rejected, match="duplicate"):
+        acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    assert acc.accepted == ["a"]
+    for k, v in before.items():
+        np.testing.assert_array_equal(acc.sums[k], v)
+
+
+def test_a_rejected_site_may_still_contribute_later() -> None:
+    acc = make(spec=X_SPEC)
+    with pytest.raises(Rejected):
+        acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.full(3, np.nan, np.float32)}, 1))
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    assert acc.accepted == ["a"]
+
+
+def test_reject_missing_dxo() -> None:
+    with pytest.raises(Rejected, match="no DXO"):
+        make(spec=X_SPEC).accept("a", RC_OK, None)
+
+
+def test_reject_wrong_kind() -> None:
+    acc = make(WEIGHTS, spec=X_SPEC)
+    with pytest.raises(Rejected, match="expected data kind WEIGHTS but got WEIGHT_DIFF"):
+        acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+
+
+def test_reject_metrics_when_weights_expected() -> None:
+    with pytest.raises(Rejected, match="expected data kind"):
+        make(WEIGHTS, spec=X_SPEC).accept("a", RC_OK, dxo(METRICS, ok_data(), 1))
+
+
+def test_reject_unknown_kind() -> None:
+    with pytest.raises(Rejected, match="cannot handle data kind 'FOO'"):
+        make(spec=X_SPEC).accept("a", RC_OK, dxo("FOO", ok_data(), 1))
+
+
+@pytest.mark.parametrize("steps", [-1, -0.5, float("nan"), float("inf"), "1", True, False, None, [1]])
+def test_reject_bad_num_steps(steps: object) -> None:
+    acc = make(spec=X_SPEC)
+    d = DXO(WEIGHT_DIFF, ok_data(), {NUM_STEPS: steps})
+    with pytest.raises(Rejected, match=NUM_STEPS):
+        acc.accept("a", RC_OK, d)
+    assert acc.accepted == [] and acc.sums == {}
+
+
+def test_reject_variable_not_in_spec() -> None:
+    data = ok_data()
+    data["z"] = np.ones(1, np.float32)
+    with pytest.raises(Rejected, match="'z' is not in the global model"):
+        make(spec=X_SPEC).accept("a", RC_OK, dxo(WEIGHT_DIFF, data, 1))
+
+
+@pytest.mark.parametrize("shape", [(2,), (3, 1), (1, 3), (), (4,)])
+def test_reject_wrong_shape(shape: tuple[int, ...]) -> None:
+    data = ok_data()
+    data["x"] = np.ones(shape, np.float32)
+    with pytest.raises(Rejected, match="'x' has shape"):
+        make(spec=X_SPEC).accept("a", RC_OK, dxo(WEIGHT_DIFF, data, 1))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_reject_nan_or_inf(bad: float) -> None:
+    data = ok_data()
+    data["x"] = np.array([1.0, bad, 2.0], np.float32)
+    with pytest.raises(Rejected, match="NaN or Inf"):
+        make(spec=X_SPEC).accept("a", RC_OK, dxo(WEIGHT_DIFF, data, 1))
+
+
+@pytest.mark.parametrize("arr", [np.array(["a"]), np.array([b"a"]), np.array([object()], dtype=object),
+                                 np.array([True]), np.array([1 + 1j])])
+def test_reject_non_numeric_dtype(arr: np.ndarray) -> None:
+    acc = make(spec={"s": VarSpec("<f4", (1,))})
+    with pytest.raises(Rejected, match="non-numeric dtype"):
+        acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"s": arr}, 1))
+
+
+def test_reject_nothing_to_aggregate() -> None:
+    with pytest.raises(Rejected, match="no variable to aggregate"):
+        make(spec=X_SPEC).accept("a", RC_OK, dxo(WEIGHT_DIFF, {}, 1))
+
+
+def test_reject_when_every_variable_is_excluded() -> None:
+    acc = make(spec=X_SPEC, exclude=".")
+    with pytest.raises(Rejected, match="no variable to aggregate"):
+        acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+
+
+@pytest.mark.parametrize(
+    "second",
+    [np.array([np.nan, 1.0], np.float32), np.ones(3, np.float32), np.array(["a", "b"])],
+    ids=["nan", "shape", "dtype"],
+)
+def test_a_contribution_with_a_bad_second_variable_leaves_the_sums_unchanged(second: np.ndarray) -> None:
+    acc = make(spec=X_SPEC)
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.full(3, 2.0, np.float32), "y": np.full(2, 3.0, np.float32)}, 1))
+    sums_before = {k: v.copy() for k, v in acc.sums.items()}
+    weights_before = dict(acc.weights)
+    bad = {"x": np.full(3, 1000.0, np.float32), "y": second}  # x is fine, y is not
+    assert list(bad) == ["x", "y"]
+    with pytest.raises(Rejected):
+        acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, bad, 1))
+    assert set(acc.sums) == set(sums_before)
+    for k, v in sums_before.items():
+        np.testing.assert_array_equal(acc.sums[k], v)
+    assert acc.weights == weights_before
+    assert acc.accepted == ["a"]
+
+
+# --- memory and result ---------------------------------------------------------------------------
+
+
+def test_memory_is_one_model_whatever_the_number_of_sites() -> None:
+    model = {"w": np.zeros(600, np.float32), "b": np.zeros(400, np.float32)}
+    model_bytes = sum(v.nbytes for v in model.values())
+    assert model_bytes == 4000
+    sites = tuple(f"site-{i}" for i in range(50))
+    acc = make(WEIGHT_DIFF, targets=sites, weights={}, spec=spec_of(model))
+    rng = np.random.default_rng(0)
+    for i, s in enumerate(sites):
+        acc.accept(s, RC_OK, dxo(WEIGHT_DIFF, {k: rng.normal(size=v.shape).astype(np.float32)
+                                               for k, v in model.items()}, 1))
+        assert sum(a.nbytes for a in acc.sums.values()) == model_bytes, f"after {i + 1} contributions"
+    assert len(acc.accepted) == 50
+    assert set(acc.sums) == set(model)
+    assert all(type(a) is np.ndarray for a in acc.sums.values())
+    assert sum(a.nbytes for a in acc.sums.values()) == model_bytes
+
+
+def test_sums_are_updated_in_place() -> None:
+    acc = make(spec=X_SPEC)
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    ids = {k: id(v) for k, v in acc.sums.items()}
+    acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    assert {k: id(v) for k, v in acc.sums.items()} == ids
+
+
+def test_result_is_none_when_nothing_was_accepted() -> None:
+    acc = make(spec=X_SPEC)
+    assert acc.result() is None
+    with pytest.raises(Rejected):
+        acc.accept("a", RC_EXECUTION_EXCEPTION, None)
+    with pytest.raises(Rejected):
+        acc.accept("zz", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    assert acc.result() is None
+
+
+def test_result_keeps_the_spec_dtype_float32() -> None:
+    acc = make(WEIGHTS, spec=X_SPEC)
+    acc.accept("a", RC_OK, dxo(WEIGHTS, ok_data(), 1))
+    # a float64 contribution to a float32 model still gives float32
+    acc.accept("b", RC_OK, dxo(WEIGHTS, {"x": np.full(3, 2.0), "y": np.full(2, 2.0)}, 1))
+    out = acc.result()
+    assert out is not None
+    for k in X_SPEC:
+        assert out.data[k].dtype == np.float32
+        assert acc.sums[k].dtype == np.float32
+    np.testing.assert_allclose(out.data["x"], [(1 * 1 + 2 * 2) / 3] * 3, rtol=1e-6)
+
+
+def test_result_keeps_the_spec_dtype_float64() -> None:
+    acc = make(WEIGHTS, spec={"x": VarSpec("<f8", (2,))})
+    acc.accept("a", RC_OK, dxo(WEIGHTS, {"x": np.array([1.0, 2.0], np.float32)}, 1))
+    out = acc.result()
+    assert out is not None
+    assert out.data["x"].dtype == np.float64
+
+
+def test_result_meta_lists_accepted_sites_in_order() -> None:
+    acc = make(spec=X_SPEC)
+    for s in ("c", "a"):
+        acc.accept(s, RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    out = acc.result()
+    assert out is not None
+    assert out.meta["accepted"] == ["c", "a"]
