@@ -1,0 +1,118 @@
+"""The aggregator service on the real broker: bad results are dead-lettered, good ones averaged."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pika
+import pytest
+
+from services.aggregator.main import AggregatorService
+from services.wire.bus import Bus
+from services.wire.codec import DXO
+from services.wire.messages import Contribution, RoundAggregated, RoundClose, RoundOpen, TaskResult, decode
+from services.wire.settings import Settings
+from services.wire.topology import RK_RESULT, RK_ROUND_CLOSE, RK_ROUND_OPEN, service_topology
+
+pytestmark = pytest.mark.broker
+SHAPE = (3, 3)
+
+
+@pytest.fixture
+def aggregator(settings: Settings):
+    bus = Bus(settings, "aggregator", connect_timeout_s=5).connect()
+    bus.declare(service_topology(settings.prefix))
+    svc = AggregatorService(settings, bus)
+    svc.start()
+    t = threading.Thread(target=bus.run, args=(svc.stop,), daemon=True)
+    t.start()
+    yield svc
+    svc.stop.set()
+    t.join(5)
+    bus.close()
+
+
+def test_hostile_results_are_dead_lettered_and_the_average_is_exact(aggregator: AggregatorService,
+                                                                     settings: Settings) -> None:
+    bus = Bus(settings, "test", connect_timeout_s=5).connect()
+    n = bus.names
+    ev = n.events
+    bus.publish(ev, RK_ROUND_OPEN, RoundOpen("job1", 0, "t0", ["site-1", "site-2"], "WEIGHTS", {"site-2": 3.0},
+                                              {"w": "<f4"}, {"w": list(SHAPE)}))
+
+    def result(site: str, value: float, **kw: object) -> TaskResult:
+        fields = dict(job_id="job1", round=0, task_name="train", task_id="t0", site=site, rc="OK",
+                      dxo=DXO("WEIGHTS", {"w": np.full(SHAPE, value, np.float32)}, {}))
+        fields.update(kw)
+        return TaskResult(**fields)  # type: ignore[arg-type]
+
+    def raw(body: bytes, msg_type: str = "result", user: str | None = "guest", site: str = "site-1") -> None:
+        props = pika.BasicProperties(type=msg_type, delivery_mode=2, user_id=user, headers={"site": site})
+        bus.channel.basic_publish(n.results, RK_RESULT, body, props, mandatory=True)
+
+    good = result("site-1", 2.0).to_wire()
+    hostile = {
+        "garbage": (b"\xc1\xff\x00garbage", {}),
+        "wrong shape of message": (msgpack.packb({"hello": 1}), {}),
+        "pickle": (pickle.dumps(np.ones(3)), {}),
+        "object dtype": (msgpack.packb({**good, "dxo": {**good["dxo"], "data": {"w": {
+            "dtype": "|O", "shape": [1], "data": b"\x00" * 8}}}}, use_bin_type=True), {}),
+        "wrong dtype length": (msgpack.packb({**good, "dxo": {**good["dxo"], "data": {"w": {
+            "dtype": "<f8", "shape": [3, 3], "data": b"\x00" * 36}}}}, use_bin_type=True), {}),
+        "array shape": (result("site-1", 1.0, dxo=DXO("WEIGHTS", {"w": np.ones((4,), np.float32)}, {})).encode(), {}),
+        "nan": (result("site-1", float("nan")).encode(), {}),
+        "inf": (result("site-1", float("inf")).encode(), {}),
+        "unknown site": (result("site-9", 1.0).encode(), {"site": "site-9"}),
+        "wrong job": (result("site-1", 1.0, job_id="other").encode(), {}),
+        "stale round": (result("site-1", 1.0, round=7).encode(), {}),
+        "wrong type": (result("site-1", 1.0).encode(), {"msg_type": "control"}),
+        "no user_id": (result("site-1", 1.0).encode(), {"user": None}),
+        "header/body site mismatch": (result("site-1", 1.0).encode(), {"site": "site-2"}),
+    }
+    for body, kw in hostile.values():
+        raw(body, **kw)  # type: ignore[arg-type]
+    bus.publish(n.results, RK_RESULT, result("site-1", 2.0), headers={"site": "site-1"})
+    bus.publish(n.results, RK_RESULT, result("site-1", 50.0), headers={"site": "site-1"})  # duplicate
+    bus.publish(n.results, RK_RESULT, result("site-2", 6.0), headers={"site": "site-2"})
+    time.sleep(0.5)
+    bus.publish(ev, RK_ROUND_CLOSE, RoundClose("job1", 0, "test"))
+
+    agg: RoundAggregated | None = None
+    verdicts: list[Contribution] = []
+    deadline = time.monotonic() + 10
+    while agg is None and time.monotonic() < deadline:
+        method, props, body = bus.channel.basic_get(n.server_queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.05)
+            continue
+        if props.type == "round.aggregated":
+            agg = decode(RoundAggregated, body, 10**6)
+        elif props.type == "contribution":
+            verdicts.append(decode(Contribution, body, 10**6))
+    assert agg is not None and agg.dxo is not None
+    # weights: site-1 1.0, site-2 3.0 -> (2*1 + 6*3) / 4 = 5
+    np.testing.assert_array_equal(agg.dxo.data["w"], np.full(SHAPE, 5.0, np.float32))
+    assert agg.dxo.data["w"].dtype == np.float32
+    assert sorted(agg.accepted) == ["site-1", "site-2"]
+    assert [v.site for v in verdicts if v.accepted] == ["site-1", "site-2"]
+
+    reasons = []
+    while True:
+        method, props, _ = bus.channel.basic_get(n.dead_queue, auto_ack=True)
+        if method is None:
+            break
+        reasons.append(props.headers["x-sagmq-reason"])
+    expected = ["not valid msgpack", "is missing", "not valid msgpack",
+                "dtype '|O' is not allowed", "data bytes for shape", "has shape (4,)", "NaN or Inf", "NaN or Inf",
+                "site site-9 is not a target", "unknown job 'other'", "result for round 7",
+                "results queue takes result messages", "without a user_id", "does not match body site",
+                "duplicate"]
+    assert len(reasons) == len(expected), reasons
+    for want, got in zip(expected, reasons):
+        assert want in got, (want, got)
+    assert aggregator.bus.dead_lettered == len(expected)
+    bus.close()

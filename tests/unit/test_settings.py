@@ -1,0 +1,196 @@
+"""load_settings: SAGMQ_* variables from a mapping, validated into a frozen Settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from services.wire.errors import ConfigError
+from services.wire.settings import DEFAULT_URL, Settings, check_name, load_settings
+
+MIB = 2**20
+
+
+def test_defaults() -> None:
+    s = load_settings({})
+    assert s == Settings()
+    assert s.amqp_url == DEFAULT_URL == "amqp://guest:guest@localhost:5672/%2F"
+    assert s.prefix == "sag"
+    assert s.workspace == Path("workspace")
+    assert s.site == ""
+    assert s.heartbeat_s == 2.0
+    assert s.client_timeout_s == 10.0
+    assert s.schedule_timeout_s == 60.0
+    assert s.max_body_bytes == 120 * MIB
+    assert s.rpc_timeout_s == 30.0
+    assert s.allow_custom_code is False
+    assert s.log_level == "INFO"
+    assert s.amqp_user == "guest"
+
+
+def test_empty_values_mean_defaults() -> None:
+    keys = ["SAGMQ_AMQP_URL", "SAGMQ_PREFIX", "SAGMQ_WORKSPACE", "SAGMQ_SITE", "SAGMQ_HEARTBEAT_S",
+            "SAGMQ_CLIENT_TIMEOUT_S", "SAGMQ_SCHEDULE_TIMEOUT_S", "SAGMQ_MAX_BODY_BYTES", "SAGMQ_RPC_TIMEOUT_S",
+            "SAGMQ_ALLOW_CUSTOM_CODE", "SAGMQ_LOG_LEVEL"]
+    assert load_settings({k: "" for k in keys}) == Settings()
+
+
+def test_every_variable_is_parsed() -> None:
+    env = {
+        "SAGMQ_AMQP_URL": "amqps://alice:secret@broker.example:5671/prod",
+        "SAGMQ_PREFIX": "fl-1",
+        "SAGMQ_WORKSPACE": "/tmp/ws",
+        "SAGMQ_SITE": "site-7",
+        "SAGMQ_HEARTBEAT_S": "0.5",
+        "SAGMQ_CLIENT_TIMEOUT_S": "4",
+        "SAGMQ_SCHEDULE_TIMEOUT_S": "0",
+        "SAGMQ_MAX_BODY_BYTES": "1048576",
+        "SAGMQ_RPC_TIMEOUT_S": "2.5",
+        "SAGMQ_ALLOW_CUSTOM_CODE": "true",
+        "SAGMQ_LOG_LEVEL": "debug",
+    }
+    s = load_settings(env)
+    assert s.amqp_url == env["SAGMQ_AMQP_URL"]
+    assert s.prefix == "fl-1"
+    assert s.workspace == Path("/tmp/ws")
+    assert s.site == "site-7"
+    assert s.heartbeat_s == 0.5
+    assert s.client_timeout_s == 4.0
+    assert s.schedule_timeout_s == 0.0
+    assert s.max_body_bytes == MIB
+    assert isinstance(s.max_body_bytes, int)
+    assert s.rpc_timeout_s == 2.5
+    assert s.allow_custom_code is True
+    assert s.log_level == "DEBUG"
+    assert s.amqp_user == "alice"
+    # every field of Settings is covered by this test
+    assert {f.name for f in dataclasses.fields(Settings)} == {
+        "amqp_url", "prefix", "workspace", "site", "heartbeat_s", "client_timeout_s", "schedule_timeout_s",
+        "max_body_bytes", "rpc_timeout_s", "allow_custom_code", "log_level"}
+
+
+@pytest.mark.parametrize(("raw", "want"), [("1", True), ("TRUE", True), ("yes", True), ("Yes", True),
+                                           ("0", False), ("false", False), ("no", False), ("on", False)])
+def test_allow_custom_code_values(raw: str, want: bool) -> None:
+    assert load_settings({"SAGMQ_ALLOW_CUSTOM_CODE": raw}).allow_custom_code is want
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "info", "Warning", "ERROR"])
+def test_log_levels(level: str) -> None:
+    assert load_settings({"SAGMQ_LOG_LEVEL": level}).log_level == level.upper()
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.prefix = "x"  # type: ignore[misc]
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["http://guest:guest@localhost:5672/", "localhost:5672", "amqpx://h/",
+                                 "redis://h", "guest@localhost"])
+def test_bad_url_scheme(url: str) -> None:
+    with pytest.raises(ConfigError, match="SAGMQ_AMQP_URL"):
+        load_settings({"SAGMQ_AMQP_URL": url})
+
+
+@pytest.mark.parametrize("prefix", ["a b", "-x", ".x", "a/b", "a:b", "x" * 64, "é", "a*"])
+def test_bad_prefix(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="SAGMQ_PREFIX"):
+        load_settings({"SAGMQ_PREFIX": prefix})
+
+
+@pytest.mark.parametrize("site", ["site 1", "-site", "site/1", "s" * 64, "site#1", "../x"])
+def test_bad_site(site: str) -> None:
+    with pytest.raises(ConfigError, match="SAGMQ_SITE"):
+        load_settings({"SAGMQ_SITE": site})
+
+
+@pytest.mark.parametrize("name", ["sag\n", "site-1\n"])
+def test_names_with_a_trailing_newline_are_refused(name: str) -> None:
+    # '$' in a regex also matches before a final newline; a queue name must not end with one.
+    with pytest.raises(ConfigError):
+        check_name("SAGMQ_PREFIX", name)
+    with pytest.raises(ConfigError):
+        load_settings({"SAGMQ_PREFIX": name})
+
+
+def test_longest_name_is_63_chars() -> None:
+    assert load_settings({"SAGMQ_SITE": "s" * 63}).site == "s" * 63
+
+
+def test_with_site_validates() -> None:
+    s = load_settings({})
+    assert s.with_site("site-2").site == "site-2"
+    assert s.site == ""
+    with pytest.raises(ConfigError):
+        s.with_site("bad site")
+
+
+@pytest.mark.parametrize("level", ["TRACE", "CRITICAL", "verbose", "1"])
+def test_bad_log_level(level: str) -> None:
+    with pytest.raises(ConfigError, match="SAGMQ_LOG_LEVEL"):
+        load_settings({"SAGMQ_LOG_LEVEL": level})
+
+
+@pytest.mark.parametrize("key", ["SAGMQ_HEARTBEAT_S", "SAGMQ_CLIENT_TIMEOUT_S", "SAGMQ_SCHEDULE_TIMEOUT_S",
+                                 "SAGMQ_RPC_TIMEOUT_S", "SAGMQ_MAX_BODY_BYTES"])
+@pytest.mark.parametrize("raw", ["fast", "2s", "1,5"])
+def test_non_numeric_values(key: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_settings({key: raw})
+
+
+@pytest.mark.parametrize(("key", "raw"), [("SAGMQ_HEARTBEAT_S", "0.05"), ("SAGMQ_HEARTBEAT_S", "-1"),
+                                          ("SAGMQ_CLIENT_TIMEOUT_S", "0.1"), ("SAGMQ_SCHEDULE_TIMEOUT_S", "-1"),
+                                          ("SAGMQ_RPC_TIMEOUT_S", "0"), ("SAGMQ_MAX_BODY_BYTES", "100")])
+def test_values_below_minimum(key: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_settings({key: raw})
+
+
+@pytest.mark.parametrize("key", ["SAGMQ_HEARTBEAT_S", "SAGMQ_CLIENT_TIMEOUT_S", "SAGMQ_RPC_TIMEOUT_S",
+                                 "SAGMQ_SCHEDULE_TIMEOUT_S"])
+def test_nan_durations_are_refused(key: str) -> None:
+    # float('nan') < minimum is False, so a plain comparison lets NaN through.
+    with pytest.raises(ConfigError, match=key):
+        load_settings({key: "nan"})
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf"])
+def test_non_finite_max_body_bytes_is_a_config_error(raw: str) -> None:
+    with pytest.raises(ConfigError, match="SAGMQ_MAX_BODY_BYTES"):
+        load_settings({"SAGMQ_MAX_BODY_BYTES": raw})
+
+
+def test_max_body_bytes_above_128_mib() -> None:
+    with pytest.raises(ConfigError, match="SAGMQ_MAX_BODY_BYTES"):
+        load_settings({"SAGMQ_MAX_BODY_BYTES": str(128 * MIB + 1)})
+    with pytest.raises(ConfigError, match="SAGMQ_MAX_BODY_BYTES"):
+        load_settings({"SAGMQ_MAX_BODY_BYTES": str(200 * MIB)})
+
+
+def test_max_body_bytes_within_limit() -> None:
+    assert load_settings({"SAGMQ_MAX_BODY_BYTES": str(64 * MIB)}).max_body_bytes == 64 * MIB
+    assert load_settings({"SAGMQ_MAX_BODY_BYTES": "1024"}).max_body_bytes == 1024
+
+
+# --- amqp_user -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "user"),
+    [
+        ("amqp://alice:pw@h:5672/%2F", "alice"),
+        ("amqp://al%40ice:p%3Aw@h/", "al@ice"),
+        ("amqps://site%2D1:pw@h/", "site-1"),
+        ("amqp://h:5672/", "guest"),
+        ("amqp://bob@h/", "bob"),
+    ],
+)
+def test_amqp_user_from_url(url: str, user: str) -> None:
+    assert load_settings({"SAGMQ_AMQP_URL": url}).amqp_user == user
