@@ -1,10 +1,19 @@
-"""The aggregator service: one accumulator per open round, fed from the results queue."""
+"""The aggregator service: one accumulator per open round, fed from the results queue.
+
+Nothing a round depends on is acked before the round's aggregate is confirmed by the
+broker: the round.open, every accepted result and the round.close stay unacked until
+then. If the aggregator dies (or loses its connection) the broker redelivers them and a
+new aggregator rebuilds the open round exactly; a result that arrives before its
+round.open is held for a grace period instead of being refused.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from services.aggregator.accumulator import Accumulator, VarSpec
 from services.wire.bus import Bus, Delivery
@@ -33,49 +42,86 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class OpenRound:
-    """A round being accumulated."""
+    """A round being accumulated, and the deliveries held until its aggregate is confirmed."""
 
     job_id: str
     round: int
+    task_id: str
     acc: Accumulator
+    held: list[Delivery] = field(default_factory=list)
+    closing: tuple[Delivery, RoundClose, float] | None = None
+
+
+@dataclass(slots=True)
+class Early:
+    """A result that arrived before its round.open (after a restart), held for a while."""
+
+    delivery: Delivery
+    result: TaskResult
+    since: float
 
 
 class AggregatorService:
     """Accepts or rejects each result with a reason and publishes each round's aggregate."""
 
-    def __init__(self, settings: Settings, bus: Bus) -> None:
+    def __init__(self, settings: Settings, bus: Bus, grace_s: float = 10.0) -> None:
         self.s = settings
         self.bus = bus
+        self.grace_s = grace_s
         self.stop = threading.Event()
         self.open: dict[str, OpenRound] = {}  # job_id -> its open round
         self.closed: dict[str, int] = {}  # job_id -> last closed round
         self.ended: set[str] = set()  # jobs that finished, failed or were aborted
+        self.early: list[Early] = []
+        bus.on_reconnect.append(self.forget_unacked)
 
     def start(self) -> None:
-        """Consume the control queue and the results queue."""
+        """Consume the control queue and the results queue (unlimited prefetch: acks are held)."""
         n = self.bus.names
-        self.bus.consume(n.aggregator_queue, self.on_control, prefetch=16)
-        self.bus.consume(n.results_queue, self.on_result, prefetch=4)
+        self.bus.consume(n.aggregator_queue, self.on_control, prefetch=0)
+        self.bus.consume(n.results_queue, self.on_result, prefetch=0)
 
     def run(self) -> None:
         """Serve until stopped."""
         self.start()
         log.info("aggregator ready")
-        self.bus.run(self.stop)
+        self.bus.run(self.stop, self.tick, 0.1)
+
+    def forget_unacked(self) -> None:
+        """After a reconnect every held delivery is redelivered: rebuild from those."""
+        if self.open or self.early:
+            log.warning("connection replaced: rebuilding %d open round(s) from redelivered messages", len(self.open))
+        self.open.clear()
+        self.early.clear()
+
+    def tick(self) -> None:
+        """Finish closes that waited for redelivered results; refuse early results past the grace."""
+        now = time.monotonic()
+        for cur in list(self.open.values()):
+            if cur.closing is not None:
+                self._try_close(cur, now)
+        for e in [e for e in self.early if now - e.since > self.grace_s]:
+            self.early.remove(e)
+            self._reject(e.delivery, e.result, f"unknown job {e.result.job_id!r} or round {e.result.round} "
+                                               f"(no round.open within {self.grace_s:g} s)")
+
+    # --- control ----------------------------------------------------------------------
 
     def on_control(self, d: Delivery) -> None:
         """round.open, round.close, job events, control."""
         limit = self.s.max_body_bytes
         if d.msg_type == RoundOpen.TYPE:
-            self.open_round(decode(RoundOpen, d.body, limit))
+            self.open_round(d, decode(RoundOpen, d.body, limit))
         elif d.msg_type == RoundClose.TYPE:
-            self.close_round(decode(RoundClose, d.body, limit))
+            self.close_round(d, decode(RoundClose, d.body, limit))
         elif d.msg_type == JobEvent.TYPE:
             ev = decode(JobEvent, d.body, limit)
             if ev.status in (FINISHED, FAILED, ABORTED):
                 self.ended.add(ev.job_id)
-                if self.open.pop(ev.job_id, None) is not None:
-                    log.info("job %s %s: open round dropped", ev.job_id, ev.status)
+                cur = self.open.pop(ev.job_id, None)
+                if cur is not None:
+                    self.bus.ack_many(cur.held)
+                    log.info("job %s %s: open round %d dropped", ev.job_id, ev.status, cur.round)
         elif d.msg_type == Control.TYPE:
             c = decode(Control, d.body, limit)
             if c.command == "shutdown":
@@ -84,35 +130,61 @@ class AggregatorService:
         else:
             raise Rejected(f"the aggregator queue does not take {d.msg_type!r} messages")
 
-    def open_round(self, m: RoundOpen) -> None:
-        """Start accumulating a round (a re-sent round.open for the same round is a no-op)."""
+    def open_round(self, d: Delivery, m: RoundOpen) -> None:
+        """Start accumulating a round; a new task id for the same round replaces the old one."""
         cur = self.open.get(m.job_id)
-        if cur is not None and cur.round == m.round:
-            return
+        if cur is not None:
+            if cur.round == m.round and cur.task_id == m.task_id:
+                return  # the same round.open twice: nothing new
+            log.info("round %d of job %s replaced by round %d (task %s)", cur.round, m.job_id, m.round, m.task_id)
+            self.bus.ack_many(cur.held)
         spec = {k: VarSpec(m.var_dtypes[k], tuple(m.var_shapes[k])) for k in m.var_dtypes if k in m.var_shapes}
         cfg = AggregatorConfig(m.expected_data_kind, dict(m.aggregation_weights), m.exclude_vars, m.weigh_by_local_iter)
-        self.open[m.job_id] = OpenRound(m.job_id, m.round, Accumulator(cfg, frozenset(m.targets), spec))
+        rnd = OpenRound(m.job_id, m.round, m.task_id, Accumulator(cfg, frozenset(m.targets), spec), [d])
+        d.deferred = True
+        self.open[m.job_id] = rnd
         self.ended.discard(m.job_id)
-        log.info("round %d of job %s open for %s", m.round, m.job_id, ", ".join(m.targets))
+        log.info("round %d of job %s open for %s%s", m.round, m.job_id, ", ".join(m.targets),
+                 " (redelivered: rebuilding)" if d.redelivered else "")
+        for e in [e for e in self.early if e.result.job_id == m.job_id]:
+            self.early.remove(e)
+            self._consider(e.delivery, e.result)
 
-    def close_round(self, m: RoundClose) -> None:
-        """Publish the aggregate of a round and forget it."""
+    def close_round(self, d: Delivery, m: RoundClose) -> None:
+        """Publish the aggregate once every result the server counted is here, then ack the round."""
         cur = self.open.get(m.job_id)
         if cur is None or cur.round != m.round:
-            if self.closed.get(m.job_id) == m.round:
+            if self.closed.get(m.job_id) == m.round or m.job_id in self.ended:
                 return  # already closed: a redelivered round.close
             raise Rejected(f"round.close for round {m.round} of job {m.job_id}, which is not open")
+        d.deferred = True
+        cur.held.append(d)
+        cur.closing = (d, m, time.monotonic())
+        self._try_close(cur, time.monotonic())
+
+    def _try_close(self, cur: OpenRound, now: float) -> None:
+        assert cur.closing is not None
+        _, m, since = cur.closing
+        missing = sorted(set(m.expected) - set(cur.acc.accepted))
+        if missing and now - since < self.grace_s:
+            return  # results accepted before a restart are being redelivered
+        if missing:
+            log.warning("round %d of job %s: results of %s never came back; aggregating without them",
+                        m.round, m.job_id, ", ".join(missing))
         dxo = cur.acc.result()
         agg = RoundAggregated(m.job_id, m.round, list(cur.acc.accepted), dxo)
-        log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.acc.accepted), m.round, m.job_id,
-                 m.reason)
+        log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.acc.accepted), m.round,
+                 m.job_id, m.reason)
         self.bus.publish(self.bus.names.events, RK_ROUND_AGGREGATED, agg,
                          headers={"job_id": m.job_id, "round": m.round})
+        self.bus.ack_many(cur.held)  # the aggregate is confirmed: the inputs may go
         del self.open[m.job_id]
         self.closed[m.job_id] = m.round
 
+    # --- results ----------------------------------------------------------------------
+
     def on_result(self, d: Delivery) -> None:
-        """Check a result's sender and round, then accept or reject it (with an event)."""
+        """Check a result's sender, then accept (held) or reject it (dead-lettered), with an event."""
         if d.msg_type != TaskResult.TYPE:
             raise Rejected(f"the results queue takes result messages, not {d.msg_type!r}")
         if not d.user_id:
@@ -120,20 +192,41 @@ class AggregatorService:
         r = decode(TaskResult, d.body, self.s.max_body_bytes)
         if d.header_str("site") and d.header_str("site") != r.site:
             raise Rejected(f"header site {d.header_str('site')!r} does not match body site {r.site!r}")
+        if d.user_id != self.s.amqp_user and d.user_id != r.site:
+            raise Rejected(f"spoofed sender: user {d.user_id!r} sent a result for site {r.site!r}")
+        self._consider(d, r)
+
+    def _consider(self, d: Delivery, r: TaskResult) -> None:
         cur = self.open.get(r.job_id)
+        if cur is None:
+            if r.job_id in self.ended or r.job_id in self.closed:
+                self._reject(d, r, f"stale: job {r.job_id} has no open round (result for round {r.round})")
+            else:  # maybe its round.open is still on its way (redelivery after a restart)
+                d.deferred = True
+                self.early.append(Early(d, r, time.monotonic()))
+            return
         try:
-            if cur is None:
-                if r.job_id in self.ended or r.job_id in self.closed:
-                    raise Rejected(f"stale: job {r.job_id} has no open round (result for round {r.round})")
-                raise Rejected(f"unknown job {r.job_id!r}")
             if r.round != cur.round:
                 raise Rejected(f"stale or wrong round: result for round {r.round}, round {cur.round} is open")
+            if r.task_id != cur.task_id:
+                raise Rejected(f"result for task {r.task_id}, not the current task {cur.task_id} of round {r.round}")
+            if cur.closing is not None and r.site not in cur.closing[1].expected:
+                raise Rejected(f"late: round {r.round} is closing")
             cur.acc.accept(r.site, r.rc, r.dxo, r.error)
         except Rejected as e:
-            self._verdict(r, False, e.reason)
-            raise
+            self._reject(d, r, e.reason)
+            return
+        d.deferred = True
+        cur.held.append(d)
         self._verdict(r, True, "")
         log.info("contribution from %s ACCEPTED at round %d of job %s", r.site, r.round, r.job_id)
+        if cur.closing is not None:
+            self._try_close(cur, time.monotonic())
+
+    def _reject(self, d: Delivery, r: TaskResult, reason: str) -> None:
+        self._verdict(r, False, reason)
+        d.deferred = True  # dead_letter acks it
+        self.bus.dead_letter(d, reason)
 
     def _verdict(self, r: TaskResult, accepted: bool, reason: str) -> None:
         ev = Contribution(r.job_id, r.round, r.site, accepted, r.rc, reason)
@@ -143,6 +236,7 @@ class AggregatorService:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sagmq aggregator`."""
+    argparse.ArgumentParser(prog="sagmq aggregator", description="Run the aggregator service.").parse_args(argv)
     settings = load_settings()
     setup_logging(settings.log_level, "aggregator")
     bus = Bus(settings, "aggregator").connect()

@@ -174,6 +174,8 @@ class ServerService:
             reason = run.machine.close_reason(now, self.alive(now))
             if reason is not None:
                 self._close_round(run, reason)
+        elif run.phase == "waiting":
+            self._open_round(run)
 
     def _eligible(self, spec: JobSpec, now: float) -> list[str]:
         return sorted(s for s in self.alive(now) if spec.site_allowed(s))
@@ -257,12 +259,19 @@ class ServerService:
         now = time.monotonic()
         targets = self._eligible(spec, now)
         if len(targets) < sag.min_clients:
-            self._end(job, FAILED, f"round {r}: only {len(targets)} site(s) available "
-                                   f"({', '.join(targets) or 'none'}), ScatterAndGather min_clients={sag.min_clients}")
+            if run.phase != "waiting":
+                run.phase, run.phase_since = "waiting", now
+                log.info("round %d of job %s waits for sites: %d of min_clients=%d alive", r, job.job_id,
+                         len(targets), sag.min_clients)
+            elif now - run.phase_since > self.s.schedule_timeout_s:
+                self._end(job, FAILED, f"round {r}: only {len(targets)} site(s) available "
+                                       f"({', '.join(targets) or 'none'}) for {self.s.schedule_timeout_s:g} s, "
+                                       f"ScatterAndGather min_clients={sag.min_clients}")
             return
         run.task_id = uuid.uuid4().hex
         run.machine = RoundMachine(sag, r, tuple(targets), now)
-        run.record = {"round": r, "targets": targets, "accepted": [], "rejected": [], "started_at": time.time()}
+        run.record = {"round": r, "task_id": run.task_id, "targets": targets, "accepted": [], "rejected": [],
+                      "started_at": time.time()}
         run.phase, run.phase_since = "training", now
         agg = spec.aggregator
         w = run.weights
@@ -287,7 +296,8 @@ class ServerService:
         assert r is not None
         run.record["close_reason"] = reason
         run.phase, run.phase_since = "aggregating", time.monotonic()
-        self.bus.publish(self.names.events, RK_ROUND_CLOSE, RoundClose(run.job.job_id, r, reason),
+        expected = run.machine.accepted() if run.machine else []
+        self.bus.publish(self.names.events, RK_ROUND_CLOSE, RoundClose(run.job.job_id, r, reason, expected),
                          headers={"job_id": run.job.job_id, "round": r})
         log.info("round %d of job %s closing: %s", r, run.job.job_id, reason)
 
@@ -309,7 +319,10 @@ class ServerService:
         limit = self.s.max_body_bytes
         t = d.msg_type
         if t == ClientHeartbeat.TYPE:
-            self.on_heartbeat(decode(ClientHeartbeat, d.body, limit))
+            hb = decode(ClientHeartbeat, d.body, limit)
+            if d.user_id != self.s.amqp_user and d.user_id != hb.site:
+                raise Rejected(f"spoofed sender: user {d.user_id!r} sent a heartbeat for site {hb.site!r}")
+            self.on_heartbeat(hb)
             return
         handlers = {
             Contribution.TYPE: (Contribution, self.on_contribution),
@@ -340,10 +353,14 @@ class ServerService:
                      "accepted" if c.accepted else c.reason)
             return
         if c.accepted:
+            if c.site in run.record["accepted"]:
+                return  # the aggregator re-accepted a redelivered result after a restart
             run.record["accepted"].append(c.site)
             log.info("Contribution from %s ACCEPTED at round %d", c.site, c.round)
         else:
-            run.record["rejected"].append({"site": c.site, "rc": c.rc, "reason": c.reason})
+            entry = {"site": c.site, "rc": c.rc, "reason": c.reason}
+            if entry not in run.record["rejected"]:
+                run.record["rejected"].append(entry)
             log.warning("Contribution from %s REJECTED at round %d: %s", c.site, c.round, c.reason)
         if c.rc == "UNSAFE_JOB":
             self._end(run.job, FAILED, f"site {c.site} refused the job: {c.reason}")
@@ -388,6 +405,8 @@ class ServerService:
         run.weights = {k: np.array(v) for k, v in m.dxo.data.items()}
         resume = m.next_round if m.source == "saved" and m.next_round >= 0 else None
         run.job.current_round = sag.start_round if resume is None else resume
+        # rounds after the last saved one will run again: forget what was recorded of them
+        run.job.history = [h for h in run.job.history if h["round"] < run.job.current_round]
         log.info("job %s: model loaded from %s; starting at round %d", run.job.job_id, m.source,
                  run.job.current_round)
         if run.job.current_round >= sag.start_round + sag.num_rounds:

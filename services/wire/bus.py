@@ -11,6 +11,7 @@ backoff, redeclares its topology and resumes its consumers.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 import uuid
@@ -101,14 +102,21 @@ class Bus:
         self._ch: BlockingChannel | None = None
         self._generation = 0
         self.dead_lettered = 0
+        self.on_reconnect: list[Callable[[], None]] = []
 
     # --- connection -----------------------------------------------------------------
 
     def _params(self) -> pika.URLParameters:
-        p = pika.URLParameters(self.settings.amqp_url)
-        p.heartbeat = 30
+        s = self.settings
+        p = pika.URLParameters(s.amqp_url)
+        p.heartbeat = s.amqp_heartbeat_s
         p.blocked_connection_timeout = 300
         p.client_properties = {"connection_name": f"sagmq-{self.service}"}
+        if s.amqp_url.startswith("amqps://"):
+            ctx = ssl.create_default_context(cafile=s.tls_ca_file or None)
+            if s.tls_cert_file:
+                ctx.load_cert_chain(s.tls_cert_file, s.tls_key_file or None)
+            p.ssl_options = pika.SSLOptions(ctx, s.tls_server_name or p.host)
         return p
 
     def _open_once(self) -> None:
@@ -150,6 +158,8 @@ class Bus:
         log.warning("connection lost (%s: %s); reconnecting", type(why).__name__, why)
         self._drop()
         self.connect()
+        for fn in self.on_reconnect:  # unacked deliveries come back: services drop what they held
+            fn()
 
     def _drop(self) -> None:
         conn, self._conn, self._ch = self._conn, None, None
@@ -172,7 +182,9 @@ class Bus:
     # --- topology -------------------------------------------------------------------
 
     def declare(self, topo: Topology) -> None:
-        """Declare a topology now and again after every reconnect."""
+        """Declare a topology now and again after every reconnect (skipped with SAGMQ_DECLARE=0)."""
+        if not self.settings.declare:
+            return
         self._state.topologies.append(topo)
         if self._ch is not None:
             self._declare(topo)
@@ -310,6 +322,11 @@ class Bus:
         if not d.deferred:
             self.ack(d)
 
+    def ack_many(self, deliveries: list[Delivery]) -> None:
+        """Ack deliveries that were held (deferred) until their effect was durable."""
+        for d in deliveries:
+            self.ack(d)
+
     def ack(self, d: Delivery) -> None:
         """Ack a delivery on the channel it came from (skipped if that channel is gone)."""
         if d.generation != self._generation or self._ch is None:
@@ -376,6 +393,8 @@ class Bus:
                     tick()
                 except _CONNECTION_ERRORS as e:
                     self._reconnect(e)
+                except SagmqError as e:  # e.g. a publish the broker refused; try again next tick
+                    log.error("%s", e)
                 next_tick = time.monotonic() + tick_s
 
     def call_threadsafe(self, fn: Callable[[], None]) -> None:
@@ -387,7 +406,14 @@ class Bus:
     # --- RPC ------------------------------------------------------------------------
 
     def rpc(self, exchange: str, routing_key: str, msg: Message, timeout_s: float) -> Delivery:
-        """Send a request and wait for its reply over direct reply-to."""
+        """Send a request and wait for its reply over direct reply-to; retried once after a lost connection."""
+        try:
+            return self._rpc_once(exchange, routing_key, msg, timeout_s)
+        except _CONNECTION_ERRORS as e:
+            self._reconnect(e)
+            return self._rpc_once(exchange, routing_key, msg, timeout_s)
+
+    def _rpc_once(self, exchange: str, routing_key: str, msg: Message, timeout_s: float) -> Delivery:
         ch = self.channel
         corr = uuid.uuid4().hex
         box: list[Delivery] = []
@@ -415,7 +441,10 @@ class Bus:
                 self._conn.process_data_events(time_limit=min(left, 0.2))
         finally:
             if self._ch is not None and self._ch.is_open:
-                self._ch.basic_cancel(tag)
+                try:
+                    self._ch.basic_cancel(tag)
+                except _CONNECTION_ERRORS:
+                    pass
         return box[0]
 
 

@@ -50,8 +50,9 @@ def encode_array(a: np.ndarray) -> dict[str, Any]:
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     if arr.dtype.str not in ALLOWED_DTYPES:
         raise DecodeError(f"dtype {arr.dtype.str!r} cannot travel on the wire")
-    arr = np.ascontiguousarray(arr)
-    data = memoryview(arr).cast("B") if arr.size else b""
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into shape [1])
+    data = memoryview(arr.reshape(-1)).cast("B") if arr.size else b""
     return {"dtype": arr.dtype.str, "shape": list(arr.shape), "data": data}
 
 
@@ -70,6 +71,8 @@ def decode_array(obj: Any, where: str = "array") -> np.ndarray:
         raise DecodeError(f"{where}: shape {shape!r} is not a list of non-negative ints")
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"{where}: data is not binary")
+    if any(n > 2**40 for n in shape):
+        raise DecodeError(f"{where}: shape {shape!r} has an impossible dimension")
     dt = np.dtype(dtype)
     expected = math.prod(shape) * dt.itemsize
     if len(data) != expected:
@@ -97,8 +100,23 @@ def decode_dxo(obj: Any, where: str = "dxo") -> DXO:
         raise DecodeError(f"{where}.data: not a map")
     if not isinstance(meta, Mapping):
         raise DecodeError(f"{where}.meta: not a map")
+    if not all(isinstance(k, str) for k in data):
+        raise DecodeError(f"{where}.data: variable names must be strings")
     arrays = {k: decode_array(v, f"{where}.data[{k!r}]") for k, v in data.items()}
-    return DXO(kind=kind, data=arrays, meta=dict(meta))
+    return DXO(kind=kind, data=arrays, meta=check_plain(meta, f"{where}.meta"))
+
+
+def check_plain(v: Any, where: str) -> Any:
+    """Check a free-form value holds only msgpack's plain types, with string map keys."""
+    if v is None or isinstance(v, bool | int | float | str | bytes):
+        return v
+    if isinstance(v, list):
+        return [check_plain(x, where) for x in v]
+    if isinstance(v, Mapping):
+        if not all(isinstance(k, str) for k in v):
+            raise DecodeError(f"{where}: map keys must be strings")
+        return {k: check_plain(x, f"{where}.{k}") for k, x in v.items()}
+    raise DecodeError(f"{where}: value of type {type(v).__name__} is not allowed")
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -113,12 +131,20 @@ def pack(obj: Any) -> bytes:
         raise DecodeError(f"cannot encode: {e}") from e
 
 
+def _str_keys(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    for k, _ in pairs:
+        if not isinstance(k, str):
+            raise DecodeError(f"map key {k!r} is not a string")
+    return dict(pairs)
+
+
 def unpack(body: bytes, max_bytes: int) -> Any:
     """Decode a body, refusing oversize input, ext types and non-string map keys."""
     if len(body) > max_bytes:
         raise DecodeError(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, timestamp=0)
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, timestamp=0,
+                               object_pairs_hook=_str_keys)
     except DecodeError:
         raise
     except Exception as e:  # msgpack raises several unrelated types for bad input

@@ -10,6 +10,7 @@ as JobSpecError naming the file and the field.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,7 @@ def _json(files: Files, name: str) -> dict[str, Any]:
 
 def _num(file: str, fld: str, v: Any, minimum: float = 0, integer: bool = False) -> Any:
     ok = isinstance(v, int) if integer else isinstance(v, int | float)
-    if not ok or isinstance(v, bool) or v < minimum:
+    if not ok or isinstance(v, bool) or not math.isfinite(v) or v < minimum:
         kind = "an integer" if integer else "a number"
         raise JobSpecError(file, fld, f"must be {kind} >= {minimum}, got {v!r}")
     return v

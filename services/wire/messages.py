@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from services.wire.codec import DXO, decode_dxo, encode_dxo, pack, unpack
+from services.wire.codec import DXO, check_plain, decode_dxo, encode_dxo, pack, unpack
 from services.wire.errors import DecodeError
 
 SCHEMA_VERSION = "1"
@@ -68,21 +68,10 @@ def _to_wire(v: Any) -> Any:
     return v
 
 
-def _plain(v: Any, where: str) -> Any:
-    """Check a free-form value holds only msgpack's plain types."""
-    if v is None or isinstance(v, bool | int | float | str | bytes):
-        return v
-    if isinstance(v, list):
-        return [_plain(x, where) for x in v]
-    if isinstance(v, Mapping):
-        return {k: _plain(x, f"{where}.{k}") for k, x in v.items()}
-    raise DecodeError(f"{where}: value of type {type(v).__name__} is not allowed")
-
-
 def _check(v: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
-        return _plain(v, where)
+        return check_plain(v, where)
     if origin in (typing.Union, types.UnionType):
         errors = []
         for alt in typing.get_args(tp):
@@ -207,6 +196,7 @@ class RoundClose(Message):
     job_id: str
     round: int
     reason: str
+    expected: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

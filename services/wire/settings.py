@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -13,7 +14,7 @@ from urllib.parse import unquote, urlparse
 from services.wire.errors import ConfigError
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,12 @@ class Settings:
     rpc_timeout_s: float = 30.0
     allow_custom_code: bool = False
     log_level: str = "INFO"
+    declare: bool = True
+    amqp_heartbeat_s: int = 30
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_server_name: str = ""
 
     @property
     def amqp_user(self) -> str:
@@ -45,7 +52,7 @@ class Settings:
 
 def check_name(what: str, value: str) -> str:
     """Refuse names that could not be part of a queue name or a file name."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ConfigError(
             f"{what} {value!r} is not a valid name (letters, digits, '_', '.', '-'; at most 63 chars)"
         )
@@ -60,9 +67,29 @@ def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.
         value = float(raw)
     except ValueError as e:
         raise ConfigError(f"{key}={raw!r} is not a number") from e
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={raw!r} must be a finite number")
     if value < minimum:
         raise ConfigError(f"{key}={raw!r} must be >= {minimum}")
     return value
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = (env.get(key) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}={raw!r} is not a boolean (1/0, true/false, yes/no)")
+
+
+def _file(env: Mapping[str, str], key: str) -> str:
+    raw = env.get(key) or ""
+    if raw and not Path(raw).is_file():
+        raise ConfigError(f"{key}={raw!r}: no such file")
+    return raw
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -92,8 +119,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         schedule_timeout_s=_float(env, "SAGMQ_SCHEDULE_TIMEOUT_S", 60.0, 0.0),
         max_body_bytes=max_body,
         rpc_timeout_s=_float(env, "SAGMQ_RPC_TIMEOUT_S", 30.0, 0.1),
-        allow_custom_code=(env.get("SAGMQ_ALLOW_CUSTOM_CODE", "").lower() in ("1", "true", "yes")),
+        allow_custom_code=_bool(env, "SAGMQ_ALLOW_CUSTOM_CODE", False),
         log_level=level,
+        declare=_bool(env, "SAGMQ_DECLARE", True),
+        amqp_heartbeat_s=int(_float(env, "SAGMQ_AMQP_HEARTBEAT_S", 30, 1)),
+        tls_ca_file=_file(env, "SAGMQ_TLS_CA_FILE"),
+        tls_cert_file=_file(env, "SAGMQ_TLS_CERT_FILE"),
+        tls_key_file=_file(env, "SAGMQ_TLS_KEY_FILE"),
+        tls_server_name=env.get("SAGMQ_TLS_SERVER_NAME") or "",
     )
 
 

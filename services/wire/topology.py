@@ -177,11 +177,12 @@ def service_topology(prefix: str) -> Topology:
 
 
 def site_topology(prefix: str, site: str) -> Topology:
-    """A site's own queue, bound to the tasks exchange under its name."""
+    """A site's own queue, bound to the tasks exchange under its name, and the exchanges it publishes to."""
     n = Names(prefix)
     q = n.site_queue(site)
     return Topology(
-        exchanges=(Exchange(n.tasks, DIRECT), Exchange(n.dead, FANOUT)),
+        exchanges=(Exchange(n.tasks, DIRECT), Exchange(n.results, DIRECT), Exchange(n.events, TOPIC),
+                   Exchange(n.dead, FANOUT)),
         queues=(Queue(q, work_queue_arguments(n)),),
         bindings=(Binding(q, n.tasks, site),),
     )

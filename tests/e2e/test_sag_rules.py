@@ -137,11 +137,14 @@ def test_duplicate_stale_and_wrong_kind_results_are_rejected(system: System, tmp
         return st.get("current_round") == 1 and "site-1" in (st.get("open_round") or {}).get("accepted", [])
 
     wait_for(round1_has_site1, 30, "site-1's round-1 result")
+    task_id = system.admin.status(job_id)["open_round"]["task_id"]
     poison = {"numpy_key": np.full((3, 3), 1000, np.float32)}
-    base = dict(job_id=job_id, task_name="train", task_id="forged", site="site-1", rc="OK")
+    base = dict(job_id=job_id, task_name="train", task_id=task_id, site="site-1", rc="OK")
     _inject(system, TaskResult(**base, round=1, dxo=DXO("WEIGHTS", poison, {})))  # duplicate
     _inject(system, TaskResult(**base, round=0, dxo=DXO("WEIGHTS", poison, {})))  # stale round
     _inject(system, TaskResult(**base, round=1, dxo=DXO("WEIGHT_DIFF", poison, {})))  # wrong kind
+    forged = {**base, "task_id": "forged"}
+    _inject(system, TaskResult(**forged, round=1, dxo=DXO("WEIGHTS", poison, {})))  # another task
     st = system.wait_job(job_id, 30)
     assert st["status"] == "finished", st
     np.testing.assert_array_equal(final_model(system, job_id), BASE + 2)
@@ -150,6 +153,7 @@ def test_duplicate_stale_and_wrong_kind_results_are_rejected(system: System, tmp
     assert any("expected data kind WEIGHTS but got WEIGHT_DIFF" in r for r in reasons), reasons
     dead = _dead_reasons(system)
     assert any("stale or wrong round: result for round 0, round 1 is open" in r for r in dead), dead
+    assert any("result for task forged, not the current task" in r for r in dead), dead
     assert sum("duplicate" in r for r in dead) == 1 and any("WEIGHT_DIFF" in r for r in dead), dead
     assert st["history"][1]["aggregated"] == ["site-1", "site-2"]
 

@@ -27,17 +27,24 @@ def test_defaults() -> None:
     assert s.rpc_timeout_s == 30.0
     assert s.allow_custom_code is False
     assert s.log_level == "INFO"
+    assert s.declare is True
+    assert s.amqp_heartbeat_s == 30
+    assert (s.tls_ca_file, s.tls_cert_file, s.tls_key_file, s.tls_server_name) == ("", "", "", "")
     assert s.amqp_user == "guest"
 
 
 def test_empty_values_mean_defaults() -> None:
     keys = ["SAGMQ_AMQP_URL", "SAGMQ_PREFIX", "SAGMQ_WORKSPACE", "SAGMQ_SITE", "SAGMQ_HEARTBEAT_S",
             "SAGMQ_CLIENT_TIMEOUT_S", "SAGMQ_SCHEDULE_TIMEOUT_S", "SAGMQ_MAX_BODY_BYTES", "SAGMQ_RPC_TIMEOUT_S",
-            "SAGMQ_ALLOW_CUSTOM_CODE", "SAGMQ_LOG_LEVEL"]
+            "SAGMQ_ALLOW_CUSTOM_CODE", "SAGMQ_LOG_LEVEL", "SAGMQ_DECLARE", "SAGMQ_AMQP_HEARTBEAT_S",
+            "SAGMQ_TLS_CA_FILE", "SAGMQ_TLS_CERT_FILE", "SAGMQ_TLS_KEY_FILE", "SAGMQ_TLS_SERVER_NAME"]
     assert load_settings({k: "" for k in keys}) == Settings()
 
 
-def test_every_variable_is_parsed() -> None:
+def test_every_variable_is_parsed(tmp_path: Path) -> None:
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    for f in (ca, cert, key):
+        f.write_bytes(b"-----BEGIN-----\n")
     env = {
         "SAGMQ_AMQP_URL": "amqps://alice:secret@broker.example:5671/prod",
         "SAGMQ_PREFIX": "fl-1",
@@ -50,6 +57,12 @@ def test_every_variable_is_parsed() -> None:
         "SAGMQ_RPC_TIMEOUT_S": "2.5",
         "SAGMQ_ALLOW_CUSTOM_CODE": "true",
         "SAGMQ_LOG_LEVEL": "debug",
+        "SAGMQ_DECLARE": "no",
+        "SAGMQ_AMQP_HEARTBEAT_S": "15",
+        "SAGMQ_TLS_CA_FILE": str(ca),
+        "SAGMQ_TLS_CERT_FILE": str(cert),
+        "SAGMQ_TLS_KEY_FILE": str(key),
+        "SAGMQ_TLS_SERVER_NAME": "broker.internal",
     }
     s = load_settings(env)
     assert s.amqp_url == env["SAGMQ_AMQP_URL"]
@@ -64,17 +77,42 @@ def test_every_variable_is_parsed() -> None:
     assert s.rpc_timeout_s == 2.5
     assert s.allow_custom_code is True
     assert s.log_level == "DEBUG"
+    assert s.declare is False
+    assert s.amqp_heartbeat_s == 15
+    assert isinstance(s.amqp_heartbeat_s, int)
+    assert s.tls_ca_file == str(ca)
+    assert s.tls_cert_file == str(cert)
+    assert s.tls_key_file == str(key)
+    assert s.tls_server_name == "broker.internal"
     assert s.amqp_user == "alice"
-    # every field of Settings is covered by this test
+    # every field of Settings is covered by this test: a new setting needs a line above
     assert {f.name for f in dataclasses.fields(Settings)} == {
         "amqp_url", "prefix", "workspace", "site", "heartbeat_s", "client_timeout_s", "schedule_timeout_s",
-        "max_body_bytes", "rpc_timeout_s", "allow_custom_code", "log_level"}
+        "max_body_bytes", "rpc_timeout_s", "allow_custom_code", "log_level", "declare", "amqp_heartbeat_s",
+        "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"}
 
 
-@pytest.mark.parametrize(("raw", "want"), [("1", True), ("TRUE", True), ("yes", True), ("Yes", True),
-                                           ("0", False), ("false", False), ("no", False), ("on", False)])
-def test_allow_custom_code_values(raw: str, want: bool) -> None:
-    assert load_settings({"SAGMQ_ALLOW_CUSTOM_CODE": raw}).allow_custom_code is want
+@pytest.mark.parametrize(("raw", "want"), [("1", True), ("TRUE", True), ("yes", True), ("Yes", True), ("on", True),
+                                           ("0", False), ("false", False), ("no", False), ("OFF", False)])
+@pytest.mark.parametrize("key", ["SAGMQ_ALLOW_CUSTOM_CODE", "SAGMQ_DECLARE"])
+def test_boolean_values(key: str, raw: str, want: bool) -> None:
+    field = {"SAGMQ_ALLOW_CUSTOM_CODE": "allow_custom_code", "SAGMQ_DECLARE": "declare"}[key]
+    assert getattr(load_settings({key: raw}), field) is want
+
+
+@pytest.mark.parametrize("raw", ["maybe", "2", "y es"])
+@pytest.mark.parametrize("key", ["SAGMQ_ALLOW_CUSTOM_CODE", "SAGMQ_DECLARE"])
+def test_bad_boolean_values(key: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_settings({key: raw})
+
+
+@pytest.mark.parametrize("key", ["SAGMQ_TLS_CA_FILE", "SAGMQ_TLS_CERT_FILE", "SAGMQ_TLS_KEY_FILE"])
+def test_missing_tls_file(key: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_settings({key: str(tmp_path / "absent.pem")})
+    with pytest.raises(ConfigError, match=key):
+        load_settings({key: str(tmp_path)})  # a directory is not a file
 
 
 @pytest.mark.parametrize("level", ["DEBUG", "info", "Warning", "ERROR"])
@@ -138,7 +176,7 @@ def test_bad_log_level(level: str) -> None:
 
 
 @pytest.mark.parametrize("key", ["SAGMQ_HEARTBEAT_S", "SAGMQ_CLIENT_TIMEOUT_S", "SAGMQ_SCHEDULE_TIMEOUT_S",
-                                 "SAGMQ_RPC_TIMEOUT_S", "SAGMQ_MAX_BODY_BYTES"])
+                                 "SAGMQ_RPC_TIMEOUT_S", "SAGMQ_MAX_BODY_BYTES", "SAGMQ_AMQP_HEARTBEAT_S"])
 @pytest.mark.parametrize("raw", ["fast", "2s", "1,5"])
 def test_non_numeric_values(key: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=key):
@@ -147,7 +185,8 @@ def test_non_numeric_values(key: str, raw: str) -> None:
 
 @pytest.mark.parametrize(("key", "raw"), [("SAGMQ_HEARTBEAT_S", "0.05"), ("SAGMQ_HEARTBEAT_S", "-1"),
                                           ("SAGMQ_CLIENT_TIMEOUT_S", "0.1"), ("SAGMQ_SCHEDULE_TIMEOUT_S", "-1"),
-                                          ("SAGMQ_RPC_TIMEOUT_S", "0"), ("SAGMQ_MAX_BODY_BYTES", "100")])
+                                          ("SAGMQ_RPC_TIMEOUT_S", "0"), ("SAGMQ_MAX_BODY_BYTES", "100"),
+                                          ("SAGMQ_AMQP_HEARTBEAT_S", "0")])
 def test_values_below_minimum(key: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_settings({key: raw})
@@ -162,9 +201,11 @@ def test_nan_durations_are_refused(key: str) -> None:
 
 
 @pytest.mark.parametrize("raw", ["nan", "inf", "-inf"])
-def test_non_finite_max_body_bytes_is_a_config_error(raw: str) -> None:
-    with pytest.raises(ConfigError, match="SAGMQ_MAX_BODY_BYTES"):
-        load_settings({"SAGMQ_MAX_BODY_BYTES": raw})
+@pytest.mark.parametrize("key", ["SAGMQ_MAX_BODY_BYTES", "SAGMQ_AMQP_HEARTBEAT_S"])
+def test_non_finite_integer_settings_are_a_config_error(key: str, raw: str) -> None:
+    # int(float('nan')) raises ValueError and int(float('inf')) OverflowError: neither is a ConfigError.
+    with pytest.raises(ConfigError, match=key):
+        load_settings({key: raw})
 
 
 def test_max_body_bytes_above_128_mib() -> None:
