@@ -70,7 +70,11 @@ class PersistorService:
         try:
             weights, source, last = self.store.load(m.job_id, m.model_dir, m.model_name, m.initial)
         except (SagmqError, OSError, ValueError) as e:
-            raise Rejected(f"cannot load the model of job {m.job_id}: {e}") from e
+            log.error("cannot load the model of job %s: %s", m.job_id, e)
+            self.bus.publish(self.bus.names.events, RK_MODEL_LOADED,
+                             ModelLoaded(m.job_id, "error", None, error=f"the persistor cannot load the model: {e}"),
+                             headers={"job_id": m.job_id})
+            return
         nxt = -1 if last is None else last + 1
         log.info("model of job %s loaded from %s%s", m.job_id, source, "" if last is None else f" (round {last})")
         self.bus.publish(self.bus.names.events, RK_MODEL_LOADED, ModelLoaded(m.job_id, source, DXO(WEIGHTS, weights), nxt),

@@ -63,10 +63,11 @@ class ModelStore:
         path = self._model_path(job_id, model_dir, model_name)
         last = self.last_round(job_id)
         if path.exists() and last is not None:
-            with np.load(path, allow_pickle=False) as loaded:
-                if isinstance(loaded, np.lib.npyio.NpzFile):
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
                     return {k: loaded[k] for k in loaded.files}, "saved", last
-            return {NUMPY_KEY: np.load(path, allow_pickle=False)}, "saved", last
+            return {NUMPY_KEY: loaded}, "saved", last
         if initial is not None:
             try:
                 arr = np.asarray(initial, dtype=np.float32)

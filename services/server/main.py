@@ -401,6 +401,9 @@ class ServerService:
     def on_loaded(self, run: Run, m: ModelLoaded) -> None:
         if run.phase != "loading":
             return
+        if m.error or m.dxo is None:
+            self._end(run.job, FAILED, m.error or "the persistor sent no model")
+            return
         sag = run.spec.sag
         run.weights = {k: np.array(v) for k, v in m.dxo.data.items()}
         resume = m.next_round if m.source == "saved" and m.next_round >= 0 else None

@@ -244,8 +244,9 @@ class ModelLoaded(Message):
     TYPE: ClassVar[str] = "model.loaded"
     job_id: str
     source: str
-    dxo: DXO
+    dxo: DXO | None
     next_round: int = -1
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
