@@ -155,10 +155,31 @@ def cmd_shutdown(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dead(s: Settings, a: argparse.Namespace) -> int:
+    from services.cli.dead import dead_list, dead_show
+
+    if a.action == "show":
+        if not a.id:
+            raise SagmqError("dead show needs the message ID (see `sagmq dead list`)")
+        return dead_show(s, a.id, a.limit)
+    return dead_list(s, a.limit)
+
+
 def cmd_poc(s: Settings, a: argparse.Namespace) -> int:
     from services.cli.poc import run_poc
 
     return run_poc(s, a)
+
+
+def cmd_provision(s: Settings, a: argparse.Namespace) -> int:
+    from services.cli.provision import write_provision
+
+    sites = [x.strip() for x in a.sites.split(",") if x.strip()]
+    write_provision(Path(a.out), sites, a.prefix, a.vhost, a.host, a.port, a.tls, force=a.force)
+    print(f"wrote {a.out}/definitions.json, {len(sites)} site env file(s) in {a.out}/sites and 4 in "
+          f"{a.out}/services (mode 0600: they hold passwords)\n"
+          f"load it with: rabbitmqctl import_definitions {a.out}/definitions.json")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("shutdown", help="stop services: all, server, or client NAME")
     sp.add_argument("target", choices=["all", "server", "client"])
     sp.add_argument("name", nargs="?")
+    sp = sub.add_parser("dead", help="list dead-lettered messages and why, or show one")
+    sp.add_argument("action", choices=["list", "show"])
+    sp.add_argument("id", nargs="?", help="message id (for show)")
+    sp.add_argument("--limit", type=int, default=1000, help="read at most this many messages")
     sp = sub.add_parser("poc", help="run server, aggregator, persistor and N clients locally and run a job")
     sp.add_argument("job_dir", nargs="?", help="job folder (default: jobs/hello-numpy-sag)")
     sp.add_argument("--clients", type=int, default=2, help="number of sites (site-1 ... site-N)")
@@ -189,11 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="folder to download the results to (default: WORKSPACE/out)")
     sp.add_argument("--allow-custom-code", action="store_true", help="let the sites run the job's custom code")
     sp.add_argument("--timeout", type=float, default=600, help="seconds the job may take")
+    sp = sub.add_parser("provision", help="write broker definitions (users, least-privilege permissions) and env files")
+    sp.add_argument("--sites", required=True, help="comma-separated site names, e.g. site-1,site-2")
+    sp.add_argument("--out", required=True, help="folder to write into (must be empty unless --force)")
+    sp.add_argument("--prefix", default="sag", help="name prefix of exchanges and queues (default: sag)")
+    sp.add_argument("--vhost", default="sagmq", help="virtual host (default: sagmq)")
+    sp.add_argument("--host", default="localhost", help="broker host in the URLs (default: localhost)")
+    sp.add_argument("--port", type=int, help="broker port in the URLs (default: 5672, or 5671 with --tls)")
+    sp.add_argument("--tls", action="store_true", help="amqps:// URLs, with TLS file placeholders")
+    sp.add_argument("--force", action="store_true", help="overwrite the files of a non-empty --out folder")
     return p
 
 
 COMMANDS = {"submit": cmd_submit, "list": cmd_list, "status": cmd_status, "wait": cmd_wait, "abort": cmd_abort,
-            "download": cmd_download, "shutdown": cmd_shutdown, "poc": cmd_poc}
+            "download": cmd_download, "shutdown": cmd_shutdown, "poc": cmd_poc, "dead": cmd_dead,
+            "provision": cmd_provision}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -403,6 +403,25 @@ class Bus:
             raise SagmqError("the bus is not connected")
         self._conn.add_callback_threadsafe(fn)
 
+    def browse(self, queue: str, limit: int = 1000) -> list[Delivery]:
+        """Read up to limit messages of a queue without removing them (they are requeued in order)."""
+        if self._conn is None:
+            raise SagmqError("the bus is not connected")
+        ch = self._conn.channel()
+        out: list[Delivery] = []
+        try:
+            while len(out) < limit:
+                method, props, body = ch.basic_get(queue, auto_ack=False)
+                if method is None:
+                    break
+                out.append(Delivery(queue, method.exchange, method.routing_key, props.type or "",
+                                    dict(props.headers or {}), props.user_id, props.message_id,
+                                    props.correlation_id, props.reply_to, bool(method.redelivered), body,
+                                    method.delivery_tag, self._generation))
+        finally:
+            ch.close()  # closing without acks puts every message back
+        return out
+
     # --- RPC ------------------------------------------------------------------------
 
     def rpc(self, exchange: str, routing_key: str, msg: Message, timeout_s: float) -> Delivery:
