@@ -14,10 +14,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from services.aggregator.accumulator import Accumulator, VarSpec
+from services.wire.blob import check_data_part, is_part, part_info, refs
 from services.wire.bus import Bus, Delivery
-from services.wire.errors import Rejected
+from services.wire.codec import check_plain, unpack
+from services.wire.errors import DecodeError, Rejected
 from services.wire.jobspec import AggregatorConfig
 from services.wire.lifecycle import install_stop_signals
 from services.wire.logs import setup_logging
@@ -32,7 +37,7 @@ from services.wire.messages import (
     RoundClose,
     RoundOpen,
     TaskResult,
-    decode,
+    from_wire,
 )
 from services.wire.settings import Settings, load_settings
 from services.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED, service_topology
@@ -50,6 +55,24 @@ class OpenRound:
     acc: Accumulator
     held: list[Delivery] = field(default_factory=list)
     closing: tuple[Delivery, RoundClose, float] | None = None
+    streams: dict[str, Stream] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Stream:
+    """A large result arriving part by part, added to the sums as it comes."""
+
+    blob: str
+    result: TaskResult  # without its dxo
+    weight: float
+    names: list[str]
+    refs: dict[str, tuple[int, int, np.dtype[Any], tuple[int, ...]]]  # name -> offset, nbytes, dtype, shape
+    parts: int
+    size: int
+    got: set[int] = field(default_factory=set)
+    held: list[Delivery] = field(default_factory=list)
+    added: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -73,13 +96,14 @@ class AggregatorService:
         self.closed: dict[str, int] = {}  # job_id -> last closed round
         self.ended: set[str] = set()  # jobs that finished, failed or were aborted
         self.early: list[Early] = []
+        self.refused: dict[str, float] = {}  # blobs already turned away: their remaining parts are dropped
         bus.on_reconnect.append(self.forget_unacked)
 
     def start(self) -> None:
         """Consume the control queue and the results queue (unlimited prefetch: acks are held)."""
         n = self.bus.names
         self.bus.consume(n.aggregator_queue, self.on_control, prefetch=0)
-        self.bus.consume(n.results_queue, self.on_result, prefetch=0)
+        self.bus.consume(n.results_queue, self.on_result, prefetch=0, stream=True)
 
     def run(self) -> None:
         """Serve until stopped."""
@@ -98,8 +122,17 @@ class AggregatorService:
         """Finish closes that waited for redelivered results; refuse early results past the grace."""
         now = time.monotonic()
         for cur in list(self.open.values()):
+            for st in list(cur.streams.values()):
+                if now - st.last_seen > self.s.chunk_timeout_s:
+                    missing = [i for i in range(st.parts) if i not in st.got][:10]
+                    self._refuse_stream(cur, st, f"parts {missing} of {st.parts} missing after "
+                                                 f"{self.s.chunk_timeout_s:g} s")
+                    return  # the round is being rebuilt
             if cur.closing is not None:
                 self._try_close(cur, now)
+        for blob, t in list(self.refused.items()):
+            if now - t > 10 * self.s.chunk_timeout_s:
+                del self.refused[blob]
         for e in [e for e in self.early if now - e.since > self.grace_s]:
             self.early.remove(e)
             self._reject(e.delivery, e.result, f"unknown job {e.result.job_id!r} or round {e.result.round} "
@@ -111,11 +144,11 @@ class AggregatorService:
         """round.open, round.close, job events, control."""
         limit = self.s.max_body_bytes
         if d.msg_type == RoundOpen.TYPE:
-            self.open_round(d, decode(RoundOpen, d.body, limit))
+            self.open_round(d, d.message(RoundOpen, limit))
         elif d.msg_type == RoundClose.TYPE:
-            self.close_round(d, decode(RoundClose, d.body, limit))
+            self.close_round(d, d.message(RoundClose, limit))
         elif d.msg_type == JobEvent.TYPE:
-            ev = decode(JobEvent, d.body, limit)
+            ev = d.message(JobEvent, limit)
             if ev.status in (FINISHED, FAILED, ABORTED):
                 self.ended.add(ev.job_id)
                 cur = self.open.pop(ev.job_id, None)
@@ -123,7 +156,7 @@ class AggregatorService:
                     self.bus.ack_many(cur.held)
                     log.info("job %s %s: open round %d dropped", ev.job_id, ev.status, cur.round)
         elif d.msg_type == Control.TYPE:
-            c = decode(Control, d.body, limit)
+            c = d.message(Control, limit)
             if c.command == "shutdown":
                 log.info("shutdown requested")
                 self.stop.set()
@@ -168,6 +201,10 @@ class AggregatorService:
         missing = sorted(set(m.expected) - set(cur.acc.accepted))
         if missing and now - since < self.grace_s:
             return  # results accepted before a restart are being redelivered
+        for st in list(cur.streams.values()):  # results still arriving when the round closed
+            self._refuse_stream(cur, st, f"late: round {m.round} closed before all {st.parts} parts arrived")
+            if st.added:
+                return  # the round is being rebuilt without it
         if missing:
             log.warning("round %d of job %s: results of %s never came back; aggregating without them",
                         m.round, m.job_id, ", ".join(missing))
@@ -187,14 +224,137 @@ class AggregatorService:
         """Check a result's sender, then accept (held) or reject it (dead-lettered), with an event."""
         if d.msg_type != TaskResult.TYPE:
             raise Rejected(f"the results queue takes result messages, not {d.msg_type!r}")
+        if is_part(d.headers):
+            self.on_part(d)
+            return
+        r = d.message(TaskResult, self.s.max_body_bytes)
+        self._check_sender(d, r)
+        self._consider(d, r)
+
+    def _check_sender(self, d: Delivery, r: TaskResult) -> None:
         if not d.user_id:
             raise Rejected("result without a user_id property: the sender is unknown")
-        r = decode(TaskResult, d.body, self.s.max_body_bytes)
         if d.header_str("site") and d.header_str("site") != r.site:
             raise Rejected(f"header site {d.header_str('site')!r} does not match body site {r.site!r}")
         if d.user_id != self.s.amqp_user and d.user_id != r.site:
             raise Rejected(f"spoofed sender: user {d.user_id!r} sent a result for site {r.site!r}")
-        self._consider(d, r)
+
+    # --- large results, part by part ------------------------------------------------------
+
+    def on_part(self, d: Delivery) -> None:
+        """One part of a large result: the header opens a stream, data parts are added as they come."""
+        blob, idx, n, size = part_info(d.headers)
+        if blob in self.refused:
+            d.deferred = True
+            self.bus.ack(d)
+            return
+        for cur in self.open.values():
+            st = cur.streams.get(blob)
+            if st is not None:
+                self._stream_part(cur, st, d, idx)
+                return
+        if idx != 0:
+            # parts come in order from one publisher: a data part without its header is left over
+            # from a blob refused before a restart
+            raise Rejected(f"part {idx} of blob {blob} without its header")
+        self._open_stream(d, blob, n, size)
+
+    def _open_stream(self, d: Delivery, blob: str, n: int, size: int) -> None:
+        header = unpack(d.body, self.s.max_body_bytes)
+        if size > self.s.max_model_bytes:
+            raise Rejected(f"result of {size} bytes exceeds SAGMQ_MAX_MODEL_BYTES={self.s.max_model_bytes}")
+        if not isinstance(header, dict) or not isinstance(header.get("dxo"), dict):
+            raise DecodeError("large result without a dxo")
+        dxo = header["dxo"]
+        if set(dxo) != {"kind", "data", "meta"} or not isinstance(dxo["data"], dict):
+            raise DecodeError("result.dxo: expected a map with kind, data and meta")
+        r = from_wire(TaskResult, {**header, "dxo": None})
+        self._check_sender(d, r)
+        refs_by_name = {}
+        for name, ref in dxo["data"].items():
+            (one,) = refs(ref, size, where=f"result.dxo.data[{name!r}]")
+            refs_by_name[name] = one
+        meta = check_plain(dxo["meta"], "result.dxo.meta")
+        cur = self.open.get(r.job_id)
+        if cur is None:
+            self.refused[blob] = time.monotonic()
+            self._reject(d, r, f"stale or unknown job {r.job_id}: no open round for a large result "
+                               f"(round {r.round})")
+            return
+        try:
+            self._check_round(cur, r)
+            weight, names = cur.acc.check_header(
+                r.site, r.rc, dxo["kind"] if isinstance(dxo["kind"], str) else None, meta,
+                {k: (v[2].str, v[3]) for k, v in refs_by_name.items()}, r.error)
+            if any(st.result.site == r.site for st in cur.streams.values()):
+                raise Rejected(f"duplicate: site {r.site} is already sending a result this round")
+        except Rejected as e:
+            self.refused[blob] = time.monotonic()
+            self._reject(d, r, e.reason)
+            return
+        st = Stream(blob, r, weight, names, {k: refs_by_name[k] for k in names}, n, size)
+        cur.streams[blob] = st
+        self._stream_part(cur, st, d, 0)
+
+    def _stream_part(self, cur: OpenRound, st: Stream, d: Delivery, idx: int) -> None:
+        d.deferred = True
+        st.held.append(d)
+        st.last_seen = time.monotonic()
+        if idx in st.got:
+            return  # a duplicate part: held (acked with the round), never added twice
+        if idx > 0:
+            try:
+                off = check_data_part(d.headers, d.body, st.size)
+                self._add_part(cur, st, off, d.body)
+            except (DecodeError, Rejected) as e:
+                self._refuse_stream(cur, st, str(e))
+                return
+        st.got.add(idx)
+        if len(st.got) == st.parts:
+            del cur.streams[st.blob]
+            cur.acc.finish(st.result.site, st.names, st.weight)
+            cur.held.extend(st.held)
+            self._verdict(st.result, True, "")
+            log.info("contribution from %s ACCEPTED at round %d of job %s (%d parts)", st.result.site,
+                     st.result.round, st.result.job_id, st.parts)
+            if cur.closing is not None:
+                self._try_close(cur, time.monotonic())
+
+    def _add_part(self, cur: OpenRound, st: Stream, off: int, body: bytes) -> None:
+        """Add the values a data part carries to the sums (checked first, chunk by chunk)."""
+        end = off + len(body)
+        runs = []
+        for name, (aoff, nbytes, dt, shape) in st.refs.items():
+            lo, hi = max(off, aoff), min(end, aoff + nbytes)
+            if lo >= hi:
+                continue
+            values = np.frombuffer(body, dtype=dt, count=(hi - lo) // dt.itemsize, offset=lo - off)
+            cur.acc.check_values(name, values)
+            runs.append((name, (lo - aoff) // dt.itemsize, values, shape))
+        for name, start, values, shape in runs:
+            cur.acc.add_values(name, start, values, st.weight, shape)
+            st.added = True
+
+    def _refuse_stream(self, cur: OpenRound, st: Stream, reason: str) -> None:
+        """Turn away a large result; if part of it was already added, rebuild the round without it."""
+        cur.streams.pop(st.blob, None)
+        self.refused[st.blob] = time.monotonic()
+        self._verdict(st.result, False, reason)
+        self.bus.dead_letter(st.held[0], reason)
+        for p in st.held[1:]:
+            self.bus.ack(p)
+        if st.added:
+            log.warning("round %d of job %s: rebuilding without the refused result of %s",
+                        cur.round, cur.job_id, st.result.site)
+            self.bus.reset("rebuild the round without a refused result")
+
+    def _check_round(self, cur: OpenRound, r: TaskResult) -> None:
+        if r.round != cur.round:
+            raise Rejected(f"stale or wrong round: result for round {r.round}, round {cur.round} is open")
+        if r.task_id != cur.task_id:
+            raise Rejected(f"result for task {r.task_id}, not the current task {cur.task_id} of round {r.round}")
+        if cur.closing is not None and r.site not in cur.closing[1].expected:
+            raise Rejected(f"late: round {r.round} is closing")
 
     def _consider(self, d: Delivery, r: TaskResult) -> None:
         cur = self.open.get(r.job_id)
@@ -206,12 +366,9 @@ class AggregatorService:
                 self.early.append(Early(d, r, time.monotonic()))
             return
         try:
-            if r.round != cur.round:
-                raise Rejected(f"stale or wrong round: result for round {r.round}, round {cur.round} is open")
-            if r.task_id != cur.task_id:
-                raise Rejected(f"result for task {r.task_id}, not the current task {cur.task_id} of round {r.round}")
-            if cur.closing is not None and r.site not in cur.closing[1].expected:
-                raise Rejected(f"late: round {r.round} is closing")
+            self._check_round(cur, r)
+            if any(st.result.site == r.site for st in cur.streams.values()):
+                raise Rejected(f"duplicate: site {r.site} is already sending a result this round")
             cur.acc.accept(r.site, r.rc, r.dxo, r.error)
         except Rejected as e:
             self._reject(d, r, e.reason)
@@ -229,7 +386,7 @@ class AggregatorService:
         self.bus.dead_letter(d, reason)
 
     def _verdict(self, r: TaskResult, accepted: bool, reason: str) -> None:
-        ev = Contribution(r.job_id, r.round, r.site, accepted, r.rc, reason)
+        ev = Contribution(r.job_id, r.round, r.site, accepted, r.rc, reason, r.task_id)
         self.bus.publish(self.bus.names.events, RK_CONTRIBUTION, ev,
                          headers={"job_id": r.job_id, "round": r.round, "site": r.site})
 

@@ -25,7 +25,6 @@ from services.wire.messages import (
     Control,
     TaskResult,
     TrainTask,
-    decode,
 )
 from services.wire.settings import Settings, default_site_name, load_settings
 from services.wire.topology import RK_HEARTBEAT, RK_RESULT, site_topology
@@ -102,9 +101,9 @@ class ClientService:
         """A task or a control message from the site queue."""
         limit = self.s.max_body_bytes
         if d.msg_type == Control.TYPE:
-            self.on_control(decode(Control, d.body, limit))
+            self.on_control(d.message(Control, limit))
         elif d.msg_type == TrainTask.TYPE:
-            task = decode(TrainTask, d.body, limit)
+            task = d.message(TrainTask, limit)
             if self.site not in task.targets:
                 raise Rejected(f"task {task.task_id} of job {task.job_id} is not addressed to site {self.site}")
             self.on_task(task)

@@ -20,7 +20,6 @@ from services.wire.messages import (
     ModelLoaded,
     ModelSave,
     ModelSaved,
-    decode,
 )
 from services.wire.settings import Settings, load_settings
 from services.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED, service_topology
@@ -47,19 +46,19 @@ class PersistorService:
         """Dispatch by message type."""
         limit = self.s.max_body_bytes
         if d.msg_type == ModelLoad.TYPE:
-            self.on_load(decode(ModelLoad, d.body, limit))
+            self.on_load(d.message(ModelLoad, limit))
         elif d.msg_type == ModelSave.TYPE:
-            self.on_save(decode(ModelSave, d.body, limit))
+            self.on_save(d.message(ModelSave, limit))
         elif d.msg_type == JobEvent.TYPE:
-            ev = decode(JobEvent, d.body, limit)
+            ev = d.message(JobEvent, limit)
             self.store.write_json(ev.job_id, "meta.json", {**ev.meta, "job_id": ev.job_id, "name": ev.name,
                                                            "status": ev.status, "reason": ev.reason})
             if ev.history:
                 self.store.write_json(ev.job_id, "history.json", ev.history)
         elif d.msg_type == AdminRequest.TYPE:
-            self.on_admin(d, decode(AdminRequest, d.body, limit))
+            self.on_admin(d, d.message(AdminRequest, limit))
         elif d.msg_type == Control.TYPE:
-            if decode(Control, d.body, limit).command == "shutdown":
+            if d.message(Control, limit).command == "shutdown":
                 log.info("shutdown requested")
                 self.stop.set()
         else:

@@ -42,7 +42,6 @@ from services.wire.messages import (
     RoundClose,
     RoundOpen,
     TrainTask,
-    decode,
 )
 from services.wire.settings import Settings, load_settings
 from services.wire.topology import (
@@ -319,7 +318,7 @@ class ServerService:
         limit = self.s.max_body_bytes
         t = d.msg_type
         if t == ClientHeartbeat.TYPE:
-            hb = decode(ClientHeartbeat, d.body, limit)
+            hb = d.message(ClientHeartbeat, limit)
             if d.user_id != self.s.amqp_user and d.user_id != hb.site:
                 raise Rejected(f"spoofed sender: user {d.user_id!r} sent a heartbeat for site {hb.site!r}")
             self.on_heartbeat(hb)
@@ -333,7 +332,7 @@ class ServerService:
         if t not in handlers:
             raise Rejected(f"the server queue does not take {t!r} messages")
         cls, fn = handlers[t]
-        msg = decode(cls, d.body, limit)
+        msg = d.message(cls, limit)
         run = self.run_
         if run is None or run.job.job_id != msg.job_id:  # type: ignore[attr-defined]
             log.info("ignoring %s for job %s, which is not running", t, msg.job_id)  # type: ignore[attr-defined]
@@ -348,7 +347,8 @@ class ServerService:
             log.info("site %s connected (host %s, pid %d)", hb.site, hb.host, hb.pid)
 
     def on_contribution(self, run: Run, c: Contribution) -> None:
-        if run.phase != "training" or c.round != run.job.current_round or run.machine is None:
+        if (run.phase != "training" or c.round != run.job.current_round or run.machine is None
+                or (c.task_id and c.task_id != run.task_id)):
             log.info("late verdict on %s for round %d of job %s: %s", c.site, c.round, c.job_id,
                      "accepted" if c.accepted else c.reason)
             return
@@ -425,7 +425,7 @@ class ServerService:
 
     def on_admin(self, d: Delivery) -> None:
         """submit, list, status, abort, shutdown."""
-        req = decode(AdminRequest, d.body, self.s.max_body_bytes)
+        req = d.message(AdminRequest, self.s.max_body_bytes)
         try:
             reply = self.admin(req)
         except (SagmqError, KeyError, ValueError) as e:

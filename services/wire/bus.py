@@ -32,7 +32,9 @@ from tenacity import (
 )
 
 from services.wire.errors import BrokerUnavailable, DecodeError, Rejected, RpcTimeout, SagmqError
-from services.wire.messages import SCHEMA_VERSION, Message
+from services.wire.blob import H_BLOB, Assembly, array_bytes, is_part, part_info, split
+from services.wire.codec import pack
+from services.wire.messages import SCHEMA_VERSION, M, Message, decode, from_wire
 from services.wire.settings import Settings
 from services.wire.topology import Names, Topology
 
@@ -62,6 +64,14 @@ class Delivery:
     tag: int
     generation: int
     deferred: bool = False
+    payload: Any = None  # the assembled message map of a blob
+    parts: list[Delivery] = field(default_factory=list)  # a blob's part deliveries
+
+    def message(self, cls: type[M], limit: int) -> M:
+        """This delivery as a message of class cls (assembled blobs included)."""
+        if self.payload is not None:
+            return from_wire(cls, self.payload)
+        return decode(cls, self.body, limit)
 
     def header_str(self, key: str) -> str:
         """A header as a string ('' when absent)."""
@@ -77,6 +87,7 @@ class _Consumer:
     queue: str
     handler: Handler
     prefetch: int
+    stream: bool = False  # hand blob parts to the handler one by one instead of assembling
 
 
 @dataclass(slots=True)
@@ -103,6 +114,9 @@ class Bus:
         self._generation = 0
         self.dead_lettered = 0
         self.on_reconnect: list[Callable[[], None]] = []
+        self._assemblies: dict[tuple[str, str], tuple[Assembly, list[Delivery]]] = {}
+        self._refused_blobs: dict[str, float] = {}
+        self._reset_pending = ""
 
     # --- connection -----------------------------------------------------------------
 
@@ -157,6 +171,7 @@ class Bus:
     def _reconnect(self, why: BaseException) -> None:
         log.warning("connection lost (%s: %s); reconnecting", type(why).__name__, why)
         self._drop()
+        self._assemblies.clear()
         self.connect()
         for fn in self.on_reconnect:  # unacked deliveries come back: services drop what they held
             fn()
@@ -168,6 +183,11 @@ class Bus:
                 conn.close()
             except Exception:  # closing a broken connection may fail in many ways
                 pass
+
+    def reset(self, why: str) -> None:
+        """Drop the connection on purpose, once the current callback returns: every unacked
+        delivery is redelivered and the service rebuilds its state from them."""
+        self._reset_pending = why
 
     def close(self) -> None:
         """Close the connection (pending unacked deliveries are requeued by the broker)."""
@@ -238,15 +258,21 @@ class Bus:
         expiration_s: float | None = None,
         mandatory: bool = True,
     ) -> None:
-        """Publish one message, persistent and confirmed; re-publish once after a reconnect."""
-        body = msg.encode()
+        """Publish one message, persistent and confirmed (as a blob of parts when its arrays are large)."""
+        wire = msg.to_wire()
+        h = dict(headers or {})
+        if cc:
+            h["CC"] = list(cc)
+        if array_bytes(wire) > self.settings.chunk_bytes:
+            for part in split(wire, self.settings.chunk_bytes):
+                props = self.properties(msg.TYPE, {**h, **part.headers}, reply_to, correlation_id, expiration_s)
+                self.publish_raw(exchange, routing_key, part.body, props, mandatory)
+            return
+        body = pack(wire)
         if len(body) > self.settings.max_body_bytes:
             raise SagmqError(
                 f"{msg.TYPE} message of {len(body)} bytes exceeds SAGMQ_MAX_BODY_BYTES={self.settings.max_body_bytes}"
             )
-        h = dict(headers or {})
-        if cc:
-            h["CC"] = list(cc)
         props = self.properties(msg.TYPE, h, reply_to, correlation_id, expiration_s)
         self.publish_raw(exchange, routing_key, body, props, mandatory)
 
@@ -280,9 +306,12 @@ class Bus:
 
     # --- consuming ------------------------------------------------------------------
 
-    def consume(self, queue: str, handler: Handler, prefetch: int = 16) -> None:
-        """Deliver messages of a queue to handler, now and after every reconnect."""
-        c = _Consumer(queue, handler, prefetch)
+    def consume(self, queue: str, handler: Handler, prefetch: int = 16, stream: bool = False) -> None:
+        """Deliver messages of a queue to handler, now and after every reconnect.
+
+        Blob parts are assembled before the handler sees them, unless stream is set.
+        """
+        c = _Consumer(queue, handler, prefetch, stream)
         self._state.consumers.append(c)
         if self._ch is not None:
             self._start_consumer(c)
@@ -308,6 +337,10 @@ class Bus:
             tag=method.delivery_tag,
             generation=self._generation,
         )
+        if is_part(d.headers) and not c.stream:
+            d = self._assemble(c, d)  # type: ignore[assignment]
+            if d is None:
+                return
         try:
             c.handler(d)
         except (DecodeError, Rejected) as e:
@@ -322,6 +355,54 @@ class Bus:
         if not d.deferred:
             self.ack(d)
 
+    def _assemble(self, c: _Consumer, d: Delivery) -> Delivery | None:
+        """Add a blob part; return the whole message once every part is in."""
+        try:
+            blob, idx, n, size = part_info(d.headers)
+        except DecodeError as e:
+            self.dead_letter(d, str(e))
+            return None
+        if blob in self._refused_blobs:
+            self.ack(d)  # the rest of a blob already dead-lettered with its reason
+            return None
+        key = (c.queue, blob)
+        if key not in self._assemblies:
+            self._assemblies[key] = (Assembly(blob, n, size, self.settings.max_model_bytes), [])
+        asm, held = self._assemblies[key]
+        held.append(d)
+        try:
+            done = asm.add(idx, d.headers, d.body, self.settings.max_body_bytes)
+        except DecodeError as e:
+            self._refuse_blob(key, f"blob part {idx} of {n}: {e}")
+            return None
+        if not done:
+            return None
+        del self._assemblies[key]
+        first = next(p for p in held if p.headers.get("x-sagmq-part") == 0)
+        return Delivery(first.queue, first.exchange, first.routing_key, first.msg_type, first.headers,
+                        first.user_id, first.message_id, first.correlation_id, first.reply_to,
+                        any(p.redelivered for p in held), first.body, first.tag, first.generation,
+                        payload=asm.message_map(), parts=held)
+
+    def _refuse_blob(self, key: tuple[str, str], reason: str) -> None:
+        """Dead-letter a blob (its first held part carries the reason) and drop the rest of it."""
+        _, held = self._assemblies.pop(key)
+        self._refused_blobs[key[1]] = time.monotonic()
+        self.dead_letter(held[0], reason)
+        for p in held[1:]:
+            self.ack(p)
+
+    def expire_blobs(self) -> None:
+        """Dead-letter blobs whose missing parts did not come within chunk_timeout_s."""
+        now = time.monotonic()
+        for key, (asm, _) in list(self._assemblies.items()):
+            if now - asm.last_seen > self.settings.chunk_timeout_s:
+                self._refuse_blob(key, f"incomplete blob {asm.blob}: parts {asm.missing()[:10]} of {asm.parts} "
+                                       f"missing after {self.settings.chunk_timeout_s:g} s")
+        for blob, t in list(self._refused_blobs.items()):
+            if now - t > 10 * self.settings.chunk_timeout_s:
+                del self._refused_blobs[blob]
+
     def ack_many(self, deliveries: list[Delivery]) -> None:
         """Ack deliveries that were held (deferred) until their effect was durable."""
         for d in deliveries:
@@ -329,6 +410,10 @@ class Bus:
 
     def ack(self, d: Delivery) -> None:
         """Ack a delivery on the channel it came from (skipped if that channel is gone)."""
+        if d.parts:
+            for p in d.parts:
+                self.ack(p)
+            return
         if d.generation != self._generation or self._ch is None:
             log.debug("not acking %s: its channel was replaced (the broker redelivers it)", d.message_id)
             return
@@ -347,7 +432,7 @@ class Bus:
             d.header_str("site"),
             reason,
         )
-        headers = {k: v for k, v in d.headers.items() if k != "CC"}
+        headers = {k: v for k, v in d.headers.items() if k != "CC" and k != H_BLOB}
         headers.update(
             {
                 "x-sagmq-reason": reason[:2000],
@@ -367,8 +452,9 @@ class Bus:
         except Exception:  # never lose the message: let the queue's own DLX take it, reason logged above
             log.exception("could not copy the message to %s; rejecting it to the queue's dead-letter exchange",
                           self.names.dead)
-            if d.generation == self._generation and self._ch is not None:
-                self._ch.basic_nack(d.tag, requeue=False)
+            for p in d.parts or [d]:
+                if p.generation == self._generation and self._ch is not None:
+                    self._ch.basic_nack(p.tag, requeue=False)
             return
         self.ack(d)
 
@@ -382,12 +468,17 @@ class Bus:
             self._conn.process_data_events(time_limit=time_limit)
         except _CONNECTION_ERRORS as e:
             self._reconnect(e)
+        if self._reset_pending:
+            why, self._reset_pending = self._reset_pending, ""
+            self._reconnect(SagmqError(why))
 
     def run(self, stop: threading.Event, tick: Callable[[], None] | None = None, tick_s: float = 0.1) -> None:
         """Serve until stop is set, calling tick every tick_s seconds."""
         next_tick = time.monotonic()
         while not stop.is_set():
             self.process(tick_s)
+            if self._assemblies:
+                self.expire_blobs()
             if tick is not None and time.monotonic() >= next_tick:
                 try:
                     tick()

@@ -210,6 +210,7 @@ class Contribution(Message):
     accepted: bool
     rc: str
     reason: str = ""
+    task_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,9 @@ class Settings:
     allow_custom_code: bool = False
     log_level: str = "INFO"
     declare: bool = True
+    chunk_bytes: int = 16 * 2**20
+    max_model_bytes: int = 4 * 2**30
+    chunk_timeout_s: float = 60.0
     amqp_heartbeat_s: int = 30
     tls_ca_file: str = ""
     tls_cert_file: str = ""
@@ -109,8 +112,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     max_body = int(_float(env, "SAGMQ_MAX_BODY_BYTES", 120 * 2**20, 1024))
     if max_body > 128 * 2**20:
         raise ConfigError("SAGMQ_MAX_BODY_BYTES must stay below the broker's 128 MiB max_message_size")
+    chunk = int(_float(env, "SAGMQ_CHUNK_BYTES", min(16 * 2**20, max(4096, max_body - 2**16)), 4096))
+    if chunk > max(4096, max_body - 2**16):
+        raise ConfigError("SAGMQ_CHUNK_BYTES must stay 64 KiB below SAGMQ_MAX_BODY_BYTES")
     return Settings(
         amqp_url=url,
+        chunk_bytes=chunk,
+        max_model_bytes=int(_float(env, "SAGMQ_MAX_MODEL_BYTES", 4 * 2**30, 1)),
+        chunk_timeout_s=_float(env, "SAGMQ_CHUNK_TIMEOUT_S", 60.0, 0.1),
         prefix=prefix,
         workspace=Path(env.get("SAGMQ_WORKSPACE") or "workspace"),
         site=site,

@@ -736,7 +736,8 @@ def test_publishers_build_and_consumers_read_the_message(cls: type[Message]) -> 
             assert re.search(rf"\b{name}\(", _package_source(pub)), f"{pub} never builds a {name}"
         for con in route["consumer"]:
             src = _package_source(con)
-            assert f"{name}.TYPE" in src or f"decode({name}," in src, f"{con} never reads a {name}"
+            assert any(p in src for p in (f"{name}.TYPE", f"decode({name},", f".message({name},")), \
+                f"{con} never reads a {name}"
 
 
 # --- README ---------------------------------------------------------------------------

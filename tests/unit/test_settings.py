@@ -63,6 +63,9 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
         "SAGMQ_TLS_CERT_FILE": str(cert),
         "SAGMQ_TLS_KEY_FILE": str(key),
         "SAGMQ_TLS_SERVER_NAME": "broker.internal",
+        "SAGMQ_CHUNK_BYTES": "65536",
+        "SAGMQ_MAX_MODEL_BYTES": "1000000",
+        "SAGMQ_CHUNK_TIMEOUT_S": "7",
     }
     s = load_settings(env)
     assert s.amqp_url == env["SAGMQ_AMQP_URL"]
@@ -85,11 +88,19 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert s.tls_key_file == str(key)
     assert s.tls_server_name == "broker.internal"
     assert s.amqp_user == "alice"
+    assert (s.chunk_bytes, s.max_model_bytes, s.chunk_timeout_s) == (65536, 1000000, 7.0)
     # every field of Settings is covered by this test: a new setting needs a line above
     assert {f.name for f in dataclasses.fields(Settings)} == {
         "amqp_url", "prefix", "workspace", "site", "heartbeat_s", "client_timeout_s", "schedule_timeout_s",
         "max_body_bytes", "rpc_timeout_s", "allow_custom_code", "log_level", "declare", "amqp_heartbeat_s",
-        "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"}
+        "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name", "chunk_bytes", "max_model_bytes",
+        "chunk_timeout_s"}
+
+
+def test_chunk_bytes_must_fit_below_the_body_limit() -> None:
+    with pytest.raises(ConfigError, match="SAGMQ_CHUNK_BYTES"):
+        load_settings({"SAGMQ_MAX_BODY_BYTES": "1048576", "SAGMQ_CHUNK_BYTES": "1048576"})
+    assert load_settings({"SAGMQ_MAX_BODY_BYTES": "1048576"}).chunk_bytes == 1048576 - 65536
 
 
 @pytest.mark.parametrize(("raw", "want"), [("1", True), ("TRUE", True), ("yes", True), ("Yes", True), ("on", True),

@@ -1,0 +1,222 @@
+"""Large messages as ordered, checksummed parts ("blobs"), so model size is bounded by memory.
+
+A message whose arrays exceed the chunk size travels as 1 + k AMQP messages that share
+the header ``x-sagmq-blob`` (an id) and ``x-sagmq-parts`` (1 + k):
+
+* part 0: the message's msgpack map, every ndarray replaced by
+  ``{"dtype", "shape", "blob": [offset, nbytes]}``, a reference into the raw section;
+* parts 1..k: consecutive slices of the raw section (every array's little-endian C-order
+  bytes, one after the other), each with ``x-sagmq-offset`` and ``x-sagmq-crc32``.
+
+Sending slices the arrays' own memory, one part at a time. Receiving either assembles
+into one writable buffer (``Assembly``: one copy, arrays decode zero-copy over it) or
+streams part by part (the aggregator adds each part to its sums as it arrives).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from services.wire.codec import ALLOWED_DTYPES, MAX_NDIM, pack, unpack
+from services.wire.errors import DecodeError
+
+H_BLOB = "x-sagmq-blob"
+H_PART = "x-sagmq-part"
+H_PARTS = "x-sagmq-parts"
+H_OFFSET = "x-sagmq-offset"
+H_CRC = "x-sagmq-crc32"
+H_SIZE = "x-sagmq-size"
+ALIGN = 8
+
+
+def wire_with_refs(wire: Any, views: list[memoryview], offset: list[int]) -> Any:
+    """Replace every encoded ndarray map by a reference into the raw section (collecting views)."""
+    if isinstance(wire, dict):
+        if set(wire) == {"dtype", "shape", "data"} and isinstance(wire["data"], memoryview | bytes):
+            mv = memoryview(wire["data"]).cast("B") if len(wire["data"]) else memoryview(b"")
+            pad = -offset[0] % ALIGN  # every array starts 8-aligned, so no part boundary splits an element
+            if pad:
+                views.append(memoryview(bytes(pad)))
+                offset[0] += pad
+            ref = {"dtype": wire["dtype"], "shape": wire["shape"], "blob": [offset[0], len(mv)]}
+            views.append(mv)
+            offset[0] += len(mv)
+            return ref
+        return {k: wire_with_refs(v, views, offset) for k, v in wire.items()}
+    if isinstance(wire, list):
+        return [wire_with_refs(v, views, offset) for v in wire]
+    return wire
+
+
+def array_bytes(wire: Any) -> int:
+    """Bytes of array data in a wire map (to decide whether it must be split)."""
+    if isinstance(wire, dict):
+        if set(wire) == {"dtype", "shape", "data"}:
+            return len(wire["data"])
+        return sum(array_bytes(v) for v in wire.values())
+    if isinstance(wire, list):
+        return sum(array_bytes(v) for v in wire)
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One AMQP message of a blob."""
+
+    body: bytes
+    headers: dict[str, Any]
+
+
+def split(wire: dict[str, Any], chunk_bytes: int) -> Iterator[Part]:
+    """The parts of a message map, made one at a time from the arrays' own memory."""
+    chunk_bytes -= chunk_bytes % ALIGN
+    views: list[memoryview] = []
+    header = wire_with_refs(wire, views, [0])
+    total = sum(len(v) for v in views)
+    k = math.ceil(total / chunk_bytes) if total else 0
+    blob = uuid.uuid4().hex
+    base = {H_BLOB: blob, H_PARTS: 1 + k, H_SIZE: total}
+    yield Part(pack(header), {**base, H_PART: 0})
+    for i, body in enumerate(_slices(views, chunk_bytes), start=1):
+        yield Part(body, {**base, H_PART: i, H_OFFSET: (i - 1) * chunk_bytes, H_CRC: zlib.crc32(body)})
+
+
+def _slices(views: list[memoryview], size: int) -> Iterator[bytes]:
+    buf: list[memoryview] = []
+    have = 0
+    for v in views:
+        pos = 0
+        while pos < len(v):
+            take = min(size - have, len(v) - pos)
+            buf.append(v[pos:pos + take])
+            have += take
+            pos += take
+            if have == size:
+                yield b"".join(buf)
+                buf, have = [], 0
+    if have:
+        yield b"".join(buf)
+
+
+def is_part(headers: Mapping[str, Any]) -> bool:
+    """Whether a delivery is part of a blob."""
+    return H_BLOB in headers
+
+
+def part_info(headers: Mapping[str, Any]) -> tuple[str, int, int, int]:
+    """(blob id, part index, part count, raw size) of a part, validated."""
+    blob, idx, n, size = headers.get(H_BLOB), headers.get(H_PART), headers.get(H_PARTS), headers.get(H_SIZE)
+    if isinstance(blob, bytes):
+        blob = blob.decode(errors="replace")
+    if not (isinstance(blob, str) and isinstance(idx, int) and isinstance(n, int) and isinstance(size, int)):
+        raise DecodeError("blob part without valid x-sagmq-blob/part/parts/size headers")
+    if not (0 <= idx < n) or size < 0:
+        raise DecodeError(f"blob part {idx} of {n} (size {size}) is out of range")
+    return blob, idx, n, size
+
+
+def check_data_part(headers: Mapping[str, Any], body: bytes, size: int) -> int:
+    """Verify a data part's checksum and bounds; return its offset in the raw section."""
+    off, crc = headers.get(H_OFFSET), headers.get(H_CRC)
+    if not isinstance(off, int) or not isinstance(crc, int):
+        raise DecodeError("blob data part without x-sagmq-offset/x-sagmq-crc32")
+    if off < 0 or off + len(body) > size:
+        raise DecodeError(f"blob data part [{off}, {off + len(body)}) exceeds the blob's {size} bytes")
+    if zlib.crc32(body) != crc:
+        raise DecodeError(f"blob data part at offset {off}: checksum mismatch")
+    return off
+
+
+def refs(header: Any, size: int, out: list[tuple[int, int, np.dtype[Any], tuple[int, ...]]] | None = None,
+         where: str = "") -> list[tuple[int, int, np.dtype[Any], tuple[int, ...]]]:
+    """Every array reference of a header: (offset, nbytes, dtype, shape), validated against size."""
+    out = [] if out is None else out
+    if isinstance(header, Mapping):
+        if set(header) == {"dtype", "shape", "blob"}:
+            dtype, shape, (off, nbytes) = header["dtype"], header["shape"], header["blob"]
+            if dtype not in ALLOWED_DTYPES:
+                raise DecodeError(f"{where}: dtype {dtype!r} is not allowed")
+            if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 2**40 for x in shape):
+                raise DecodeError(f"{where}: bad shape {shape!r}")
+            dt = np.dtype(dtype)
+            if math.prod(shape) * dt.itemsize != nbytes or off < 0 or off + nbytes > size:
+                raise DecodeError(f"{where}: reference [{off}, +{nbytes}) does not fit shape {shape} of {dtype}")
+            out.append((off, nbytes, dt, tuple(shape)))
+        else:
+            for k, v in header.items():
+                refs(v, size, out, f"{where}.{k}")
+    elif isinstance(header, list):
+        for i, v in enumerate(header):
+            refs(v, size, out, f"{where}[{i}]")
+    return out
+
+
+def resolve(header: Any, raw: memoryview) -> Any:
+    """The header with every reference replaced by an encoded ndarray over raw (no copy)."""
+    if isinstance(header, Mapping):
+        if set(header) == {"dtype", "shape", "blob"}:
+            off, nbytes = header["blob"]
+            return {"dtype": header["dtype"], "shape": header["shape"], "data": raw[off:off + nbytes]}
+        return {k: resolve(v, raw) for k, v in header.items()}
+    if isinstance(header, list):
+        return [resolve(v, raw) for v in header]
+    return header
+
+
+@dataclass(slots=True)
+class Assembly:
+    """A blob being put together in one writable buffer."""
+
+    blob: str
+    parts: int
+    size: int
+    max_bytes: int
+    header: Any = None
+    buf: bytearray | None = None
+    got: set[int] = field(default_factory=set)
+    early: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def add(self, idx: int, headers: Mapping[str, Any], body: bytes, header_limit: int) -> bool:
+        """Take one part (a duplicate is ignored); True once every part is in."""
+        self.last_seen = time.monotonic()
+        if idx in self.got:
+            return self.complete()
+        if idx == 0:
+            if self.size > self.max_bytes:
+                raise DecodeError(f"blob of {self.size} bytes exceeds the limit of {self.max_bytes}")
+            self.header = unpack(body, header_limit)
+            refs(self.header, self.size)
+            self.buf = bytearray(self.size)
+            for j, (off, data) in self.early.items():
+                self.buf[off:off + len(data)] = data
+                self.got.add(j)
+            self.early.clear()
+        else:
+            off = check_data_part(headers, body, self.size)
+            if self.buf is None:
+                self.early[idx] = (off, body)  # came before part 0: hold it
+                return False
+            self.buf[off:off + len(body)] = body
+        self.got.add(idx)
+        return self.complete()
+
+    def complete(self) -> bool:
+        return len(self.got) == self.parts
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.parts) if i not in self.got and i not in self.early]
+
+    def message_map(self) -> Any:
+        """The complete message map, arrays as views over the (writable) buffer."""
+        assert self.buf is not None and self.complete()
+        return resolve(self.header, memoryview(self.buf))
