@@ -31,7 +31,7 @@ from tenacity import (
     wait_random,
 )
 
-from services.wire.errors import BrokerUnavailable, DecodeError, Rejected, RpcTimeout, SagmqError
+from services.wire.errors import BrokerRefused, BrokerUnavailable, DecodeError, Rejected, RpcTimeout, SagmqError
 from services.wire.blob import H_BLOB, Assembly, array_bytes, is_part, part_info, split
 from services.wire.codec import pack
 from services.wire.messages import SCHEMA_VERSION, M, Message, decode, from_wire
@@ -117,6 +117,7 @@ class Bus:
         self._assemblies: dict[tuple[str, str], tuple[Assembly, list[Delivery]]] = {}
         self._refused_blobs: dict[str, float] = {}
         self._reset_pending = ""
+        self._poison: dict[str, str] = {}  # message ids whose handling the broker refused
 
     # --- connection -----------------------------------------------------------------
 
@@ -288,6 +289,15 @@ class Bus:
                 raise SagmqError(f"message to {exchange!r} with key {routing_key!r} was unroutable") from e
             except px.NackError as e:
                 raise SagmqError(f"the broker refused a message to {exchange!r} ({routing_key!r})") from e
+            except px.ChannelClosedByBroker as e:
+                if e.reply_code not in (403, 406):
+                    if attempt == 2:
+                        raise
+                    self._reconnect(e)
+                    continue
+                self._reconnect(e)  # the channel is gone: restore it and the consumers on it
+                raise BrokerRefused(f"the broker refused a message to {exchange!r} with key {routing_key!r}: "
+                                    f"{e.reply_code} {e.reply_text}") from e
             except _CONNECTION_ERRORS as e:
                 if attempt == 2:
                     raise
@@ -341,10 +351,18 @@ class Bus:
             d = self._assemble(c, d)  # type: ignore[assignment]
             if d is None:
                 return
+        if d.message_id and d.message_id in self._poison:
+            self.dead_letter(d, self._poison.pop(d.message_id))
+            return
         try:
             c.handler(d)
         except (DecodeError, Rejected) as e:
             self.dead_letter(d, str(e))
+            return
+        except BrokerRefused as e:  # its channel was replaced: it comes back, and is dead-lettered then
+            log.error("handling %s message %s: %s", d.msg_type, d.message_id, e)
+            if d.message_id:
+                self._poison[d.message_id] = f"handling it made the broker refuse an operation: {e}"
             return
         except _CONNECTION_ERRORS:
             raise

@@ -27,6 +27,10 @@ class BrokerUnavailable(SagmqError):
         self.reason = reason
 
 
+class BrokerRefused(SagmqError):
+    """The broker refused an operation (403 access refused, 406 precondition failed)."""
+
+
 class DecodeError(SagmqError):
     """A message body or a property could not be decoded into a sagmq message."""
 

@@ -132,3 +132,27 @@ def test_bad_credentials_fail_fast(settings: Settings) -> None:
     with pytest.raises(BrokerUnavailable, match="refused the credentials"):
         Bus(wrong, "bad", connect_timeout_s=30).connect()
     assert time.monotonic() - t0 < 5
+
+
+def test_a_message_whose_handling_the_broker_refuses_is_dead_lettered_once(bus: Bus) -> None:
+    n = bus.names
+    calls: list[str] = []
+
+    def handler(d: Delivery) -> None:
+        c = decode(Control, d.body, 1000)
+        calls.append(c.command)
+        if c.command == "spoof":  # publishing as another user: the broker answers 406 and closes the channel
+            props = bus.properties("control")
+            props.user_id = "somebody-else"
+            bus.publish_raw(n.tasks, "site-2", b"x", props)
+
+    bus.consume(n.site_queue("site-1"), handler, prefetch=1)
+    bus.publish(n.tasks, "site-1", Control("spoof"))
+    bus.publish(n.tasks, "site-1", Control("fine"))
+    deadline = time.monotonic() + 10
+    while "fine" not in calls and time.monotonic() < deadline:
+        bus.process(0.1)
+    assert calls == ["spoof", "fine"]  # handled once, then dead-lettered on redelivery; no loop
+    dead = drain(bus, n.dead_queue)
+    assert len(dead) == 1 and "406" in dead[0][0]["headers"]["x-sagmq-reason"]
+    assert drain(bus, n.site_queue("site-2")) == []
