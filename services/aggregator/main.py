@@ -54,8 +54,13 @@ class OpenRound:
     task_id: str
     acc: Accumulator
     held: list[Delivery] = field(default_factory=list)
-    closing: tuple[Delivery, RoundClose, float] | None = None
+    closing: RoundClose | None = None
+    closing_since: float = 0.0
     streams: dict[str, Stream] = field(default_factory=dict)
+    answered: set[str] = field(default_factory=set)  # targets whose result was accepted or refused
+
+    def all_answered(self) -> bool:
+        return self.answered >= self.acc.targets
 
 
 @dataclass(slots=True)
@@ -192,12 +197,22 @@ class AggregatorService:
             raise Rejected(f"round.close for round {m.round} of job {m.job_id}, which is not open")
         d.deferred = True
         cur.held.append(d)
-        cur.closing = (d, m, time.monotonic())
+        cur.closing, cur.closing_since = m, time.monotonic()
         self._try_close(cur, time.monotonic())
+
+    def _answered(self, cur: OpenRound, r: TaskResult) -> None:
+        """Note a target's answer; once every target answered, close the round without waiting."""
+        if r.site in cur.acc.targets and r.round == cur.round and r.task_id == cur.task_id:
+            cur.answered.add(r.site)
+        if cur.closing is None and cur.all_answered():
+            cur.closing = RoundClose(cur.job_id, cur.round, f"all {len(cur.acc.targets)} targets answered",
+                                     sorted(cur.acc.accepted))
+            cur.closing_since = time.monotonic()
+            self._try_close(cur, cur.closing_since)
 
     def _try_close(self, cur: OpenRound, now: float) -> None:
         assert cur.closing is not None
-        _, m, since = cur.closing
+        m, since = cur.closing, cur.closing_since
         missing = sorted(set(m.expected) - set(cur.acc.accepted))
         if missing and now - since < self.grace_s:
             return  # results accepted before a restart are being redelivered
@@ -317,7 +332,8 @@ class AggregatorService:
             self._verdict(st.result, True, "")
             log.info("contribution from %s ACCEPTED at round %d of job %s (%d parts)", st.result.site,
                      st.result.round, st.result.job_id, st.parts)
-            if cur.closing is not None:
+            self._answered(cur, st.result)
+            if cur.closing is not None and cur.job_id in self.open:
                 self._try_close(cur, time.monotonic())
 
     def _add_part(self, cur: OpenRound, st: Stream, off: int, body: bytes) -> None:
@@ -347,13 +363,15 @@ class AggregatorService:
             log.warning("round %d of job %s: rebuilding without the refused result of %s",
                         cur.round, cur.job_id, st.result.site)
             self.bus.reset("rebuild the round without a refused result")
+        elif cur.closing is None:
+            self._answered(cur, st.result)
 
     def _check_round(self, cur: OpenRound, r: TaskResult) -> None:
         if r.round != cur.round:
             raise Rejected(f"stale or wrong round: result for round {r.round}, round {cur.round} is open")
         if r.task_id != cur.task_id:
             raise Rejected(f"result for task {r.task_id}, not the current task {cur.task_id} of round {r.round}")
-        if cur.closing is not None and r.site not in cur.closing[1].expected:
+        if cur.closing is not None and r.site not in cur.closing.expected:
             raise Rejected(f"late: round {r.round} is closing")
 
     def _consider(self, d: Delivery, r: TaskResult) -> None:
@@ -377,17 +395,22 @@ class AggregatorService:
         cur.held.append(d)
         self._verdict(r, True, "")
         log.info("contribution from %s ACCEPTED at round %d of job %s", r.site, r.round, r.job_id)
-        if cur.closing is not None:
+        self._answered(cur, r)
+        if cur.closing is not None and cur.job_id in self.open:
             self._try_close(cur, time.monotonic())
 
     def _reject(self, d: Delivery, r: TaskResult, reason: str) -> None:
         self._verdict(r, False, reason)
         d.deferred = True  # dead_letter acks it
         self.bus.dead_letter(d, reason)
+        cur = self.open.get(r.job_id)
+        if cur is not None and cur.closing is None:
+            self._answered(cur, r)
 
     def _verdict(self, r: TaskResult, accepted: bool, reason: str) -> None:
         ev = Contribution(r.job_id, r.round, r.site, accepted, r.rc, reason, r.task_id)
-        self.bus.publish(self.bus.names.events, RK_CONTRIBUTION, ev,
+        # transient: after a broker restart the aggregator rebuilds and sends its verdicts again
+        self.bus.publish(self.bus.names.events, RK_CONTRIBUTION, ev, persistent=False,
                          headers={"job_id": r.job_id, "round": r.round, "site": r.site})
 
 

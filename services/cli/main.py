@@ -165,6 +165,12 @@ def cmd_dead(s: Settings, a: argparse.Namespace) -> int:
     return dead_list(s, a.limit)
 
 
+def cmd_bench(s: Settings, a: argparse.Namespace) -> int:
+    from services.cli.bench import run_bench
+
+    return run_bench(s, a)
+
+
 def cmd_poc(s: Settings, a: argparse.Namespace) -> int:
     from services.cli.poc import run_poc
 
@@ -203,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("shutdown", help="stop services: all, server, or client NAME")
     sp.add_argument("target", choices=["all", "server", "client"])
     sp.add_argument("name", nargs="?")
+    from services.cli.bench import add_parser as add_bench
+
+    add_bench(sub)
     sp = sub.add_parser("dead", help="list dead-lettered messages and why, or show one")
     sp.add_argument("action", choices=["list", "show"])
     sp.add_argument("id", nargs="?", help="message id (for show)")
@@ -227,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"submit": cmd_submit, "list": cmd_list, "status": cmd_status, "wait": cmd_wait, "abort": cmd_abort,
-            "download": cmd_download, "shutdown": cmd_shutdown, "poc": cmd_poc, "dead": cmd_dead,
+            "download": cmd_download, "shutdown": cmd_shutdown, "poc": cmd_poc, "dead": cmd_dead, "bench": cmd_bench,
             "provision": cmd_provision}
 
 

@@ -94,7 +94,7 @@ class ClientService:
             allow_custom_code=self.s.allow_custom_code,
             busy_job=cur.task.job_id if cur else "", busy_round=cur.task.round if cur else -1,
         )
-        self.bus.publish(self.bus.names.events, RK_HEARTBEAT, hb, headers={"site": self.site})
+        self.bus.publish(self.bus.names.events, RK_HEARTBEAT, hb, headers={"site": self.site}, persistent=False)
         self._hello = False
 
     def on_message(self, d: Delivery) -> None:

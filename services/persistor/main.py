@@ -67,7 +67,7 @@ class PersistorService:
     def on_load(self, m: ModelLoad) -> None:
         """Send the job's starting model (the saved one when resuming)."""
         try:
-            weights, source, last = self.store.load(m.job_id, m.model_dir, m.model_name, m.initial)
+            weights, source, last = self.store.load(m.job_id, m.model_dir, m.model_name, m.initial, m.source)
         except (SagmqError, OSError, ValueError) as e:
             log.error("cannot load the model of job %s: %s", m.job_id, e)
             self.bus.publish(self.bus.names.events, RK_MODEL_LOADED,

@@ -11,30 +11,27 @@ a half-written model. Layout under the persistor's workspace::
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from services.wire.errors import SagmqError
-from services.wire.files import atomic_write
+from services.wire.files import atomic_write, atomic_write_with
 from services.wire.settings import check_name
 
 NUMPY_KEY = "numpy_key"
 DEFAULT_MODEL = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
-def model_bytes(weights: dict[str, np.ndarray], npz: bool) -> bytes:
-    """A model as .npy bytes (one variable) or .npz bytes (several); never pickled."""
-    buf = io.BytesIO()
+def write_model(f: BinaryIO, weights: dict[str, np.ndarray], npz: bool) -> None:
+    """A model as .npy (one variable) or .npz (several), straight from the arrays; never pickled."""
     if npz:
-        np.savez(buf, **weights)
+        np.savez(f, **weights)
     else:
         (arr,) = weights.values()
-        np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
+        np.save(f, arr, allow_pickle=False)
 
 
 class ModelStore:
@@ -57,9 +54,9 @@ class ModelStore:
         return int(json.loads(p.read_text())["last_round"])
 
     def load(
-        self, job_id: str, model_dir: str, model_name: str, initial: list[Any] | None
+        self, job_id: str, model_dir: str, model_name: str, initial: list[Any] | None, source: str = ""
     ) -> tuple[dict[str, np.ndarray], str, int | None]:
-        """The saved model of the job if any, else the configured one, else NVFlare's default."""
+        """The job's saved model if any; else the source checkpoint, the configured list, or NVFlare's default."""
         path = self._model_path(job_id, model_dir, model_name)
         last = self.last_round(job_id)
         if path.exists() and last is not None:
@@ -68,6 +65,15 @@ class ModelStore:
                 with loaded:
                     return {k: loaded[k] for k in loaded.files}, "saved", last
             return {NUMPY_KEY: loaded}, "saved", last
+        if source:
+            src = Path(source)
+            if not src.is_file():
+                raise SagmqError(f"source_ckpt_file_full_name {source!r} does not exist on the persistor")
+            loaded = np.load(src, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    return {k: loaded[k] for k in loaded.files}, "checkpoint", None
+            return {NUMPY_KEY: loaded}, "checkpoint", None
         if initial is not None:
             try:
                 arr = np.asarray(initial, dtype=np.float32)
@@ -77,13 +83,11 @@ class ModelStore:
         return {NUMPY_KEY: np.array(DEFAULT_MODEL, dtype=np.float32)}, "default", None
 
     def save(self, job_id: str, rnd: int, weights: dict[str, np.ndarray], model_dir: str, model_name: str) -> Path:
-        """Save a round's model (snapshot first, then the latest file, then the progress mark)."""
+        """Save a round's model (the file and its round snapshot, one write), then the progress mark."""
         npz = not (len(weights) == 1 and NUMPY_KEY in weights)
-        data = model_bytes(weights, npz)
         path = self._model_path(job_id, model_dir, model_name)
         ext = ".npz" if npz else ".npy"
-        atomic_write(path.parent / f"round-{rnd}{ext}", data)
-        atomic_write(path, data)
+        atomic_write_with(path, lambda f: write_model(f, weights, npz), also=path.parent / f"round-{rnd}{ext}")
         atomic_write(self.job_dir(job_id) / "progress.json", json.dumps({"last_round": rnd}).encode())
         return path
 

@@ -19,7 +19,8 @@ def apply_aggregate(global_weights: dict[str, np.ndarray], dxo: DXO | None) -> d
     out = dict(global_weights)
     if dxo.kind == WEIGHTS:
         for k, v in dxo.data.items():
-            out[k] = np.array(v)  # own a writable copy; v may view a message body
+            # an assembled message owns its (writable) buffer: keep it; a read-only view is copied
+            out[k] = v if v.flags.writeable else np.array(v)
     elif dxo.kind == WEIGHT_DIFF:
         for k, v in dxo.data.items():
             if k not in global_weights:

@@ -102,6 +102,8 @@ class Run:
     record: dict[str, Any] = field(default_factory=dict)
     task_id: str = ""
     phase_since: float = 0.0
+    round_open: RoundOpen | None = None
+    round_close: RoundClose | None = None
 
 
 class ServerService:
@@ -117,6 +119,7 @@ class ServerService:
         self.sites: dict[str, Site] = {}
         self.run_: Run | None = None
         self._waiting_logged = 0.0
+        bus.on_reconnect.append(self.on_reconnect)
         self._load_state()
 
     # --- state on disk ----------------------------------------------------------------
@@ -217,7 +220,8 @@ class ServerService:
         self._save_state()
         self._publish_job_event(job, spec)
         p = spec.persistor
-        load = ModelLoad(job.job_id, p.model_dir, p.model_name, p.model) if p else ModelLoad(job.job_id)
+        load = (ModelLoad(job.job_id, p.model_dir, p.model_name, p.model, p.source_ckpt_file_full_name)
+                if p else ModelLoad(job.job_id))
         self.bus.publish(self.names.events, RK_MODEL_LOAD, load, headers={"job_id": job.job_id})
         log.info("job %s (%s) started%s", job.job_id, job.name, " again after a restart" if resumed else "")
 
@@ -274,11 +278,13 @@ class ServerService:
         run.phase, run.phase_since = "training", now
         agg = spec.aggregator
         w = run.weights
-        self.bus.publish(self.names.events, RK_ROUND_OPEN, RoundOpen(
+        run.round_open = RoundOpen(
             job.job_id, r, run.task_id, targets, agg.expected_data_kind, agg.aggregation_weights,
             {k: v.dtype.str for k, v in w.items()}, {k: list(v.shape) for k, v in w.items()},
             agg.exclude_vars, agg.weigh_by_local_iter,
-        ), headers={"job_id": job.job_id, "round": r})
+        )
+        run.round_close = None
+        self._send_round_control(run)
         task = TrainTask(
             job.job_id, r, sag.num_rounds, sag.start_round, sag.train_task_name, run.task_id, targets,
             DXO(WEIGHTS, w, {"current_round": r, "num_rounds": sag.num_rounds}),
@@ -296,13 +302,33 @@ class ServerService:
         run.record["close_reason"] = reason
         run.phase, run.phase_since = "aggregating", time.monotonic()
         expected = run.machine.accepted() if run.machine else []
-        self.bus.publish(self.names.events, RK_ROUND_CLOSE, RoundClose(run.job.job_id, r, reason, expected),
-                         headers={"job_id": run.job.job_id, "round": r})
+        run.round_close = RoundClose(run.job.job_id, r, reason, expected)
+        self._send_round_control(run, close_only=True)
         log.info("round %d of job %s closing: %s", r, run.job.job_id, reason)
+
+    def _send_round_control(self, run: Run, close_only: bool = False) -> None:
+        """round.open / round.close to the aggregator. Transient, so they cost no disk write on the
+        critical path; they survive an aggregator crash in its queue, and after a broker restart
+        (which drops them) the server sends them again on reconnecting."""
+        h = {"job_id": run.job.job_id, "round": run.job.current_round}
+        if run.round_open is not None and not close_only:
+            self.bus.publish(self.names.events, RK_ROUND_OPEN, run.round_open, headers=h, persistent=False)
+        if run.round_close is not None:
+            self.bus.publish(self.names.events, RK_ROUND_CLOSE, run.round_close, headers=h, persistent=False)
+
+    def on_reconnect(self) -> None:
+        """The broker may have restarted: the aggregator needs the open round again."""
+        run = self.run_
+        if run is not None and run.phase in ("training", "aggregating"):
+            log.info("reconnected: sending round %s of job %s to the aggregator again", run.job.current_round,
+                     run.job.job_id)
+            self._send_round_control(run)
 
     def _advance(self, run: Run) -> None:
         job = run.job
         assert job.current_round is not None
+        if job.history and job.history[-1]["round"] == job.current_round:
+            job.history[-1]["done_at"] = time.time()  # aggregated, applied and (if due) saved
         job.current_round += 1
         self._save_state()
         if job.current_round >= run.spec.sag.start_round + run.spec.sag.num_rounds:
@@ -365,15 +391,22 @@ class ServerService:
         if c.rc == "UNSAFE_JOB":
             self._end(run.job, FAILED, f"site {c.site} refused the job: {c.reason}")
             return
-        fail = run.machine.on_contribution(c.site, c.accepted, c.rc, time.monotonic())
+        now = time.monotonic()
+        fail = run.machine.on_contribution(c.site, c.accepted, c.rc, now)
         if fail is not None:
             self._end(run.job, FAILED, fail)
+            return
+        reason = run.machine.close_reason(now, self.alive(now))
+        if reason is not None and not run.machine.all_answered():  # all answered: the aggregator closes it
+            self._close_round(run, reason)
 
     def on_aggregated(self, run: Run, m: RoundAggregated) -> None:
         job, sag = run.job, run.spec.sag
-        if run.phase != "aggregating" or m.round != job.current_round:
+        if run.phase not in ("training", "aggregating") or m.round != job.current_round:
             log.info("ignoring aggregate of round %d of job %s (phase %s)", m.round, m.job_id, run.phase)
             return
+        if run.phase == "training":  # the aggregator closed it: every target had answered
+            run.record["close_reason"] = f"all {len(run.record['targets'])} targets answered"
         run.record["aggregated"] = list(m.accepted)
         run.record["closed_at"] = time.time()
         run.record["seconds"] = round(run.record["closed_at"] - run.record["started_at"], 4)
@@ -391,12 +424,18 @@ class ServerService:
         run.record = {}
         log.info("Round %d of job %s finished with %d contribution(s)", m.round, job.job_id, len(m.accepted))
         p = run.spec.persistor
-        if p is not None and should_persist(sag, m.round):
-            run.phase, run.phase_since = "saving", time.monotonic()
-            save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name, job.history)
-            self.bus.publish(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round})
-        else:
+        if p is None or not should_persist(sag, m.round):
             self._advance(run)
+            return
+        save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name, job.history)
+        if m.round == sag.start_round + sag.num_rounds - 1:
+            run.phase, run.phase_since = "saving", time.monotonic()  # the job ends once its model is on disk
+            self.bus.publish(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round})
+            return
+        # Other rounds do not wait for the disk: the next round starts first, the persistor saves in
+        # order meanwhile, and a restarted server resumes from whatever round was saved last.
+        self._advance(run)
+        self.bus.publish(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round})
 
     def on_loaded(self, run: Run, m: ModelLoaded) -> None:
         if run.phase != "loading":
@@ -405,7 +444,7 @@ class ServerService:
             self._end(run.job, FAILED, m.error or "the persistor sent no model")
             return
         sag = run.spec.sag
-        run.weights = {k: np.array(v) for k, v in m.dxo.data.items()}
+        run.weights = {k: v if v.flags.writeable else np.array(v) for k, v in m.dxo.data.items()}
         resume = m.next_round if m.source == "saved" and m.next_round >= 0 else None
         run.job.current_round = sag.start_round if resume is None else resume
         # rounds after the last saved one will run again: forget what was recorded of them
@@ -418,6 +457,9 @@ class ServerService:
         self._open_round(run)
 
     def on_saved(self, run: Run, m: ModelSaved) -> None:
+        for h in run.job.history:
+            if h["round"] == m.round:
+                h["saved_at"] = time.time()
         if run.phase == "saving" and m.round == run.job.current_round:
             self._advance(run)
 

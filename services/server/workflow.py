@@ -68,6 +68,10 @@ class RoundMachine:
             return f"sites {', '.join(outstanding)} stopped answering"
         return None
 
+    def all_answered(self) -> bool:
+        """Every target answered (the aggregator then closes the round by itself)."""
+        return len(self.responded) == len(self.targets)
+
     def accepted(self) -> list[str]:
         """Targets whose result was accepted."""
         return [s for s, ok in self.responded.items() if ok]

@@ -228,6 +228,7 @@ class Bus:
         reply_to: str | None = None,
         correlation_id: str | None = None,
         expiration_s: float | None = None,
+        persistent: bool = True,
     ) -> pika.BasicProperties:
         """AMQP properties every sagmq message carries."""
         h = {"schema": SCHEMA_VERSION, "service": self.service}
@@ -235,7 +236,7 @@ class Bus:
             h.update({k: v for k, v in headers.items() if v is not None})
         return pika.BasicProperties(
             content_type=CONTENT_TYPE,
-            delivery_mode=pika.DeliveryMode.Persistent,
+            delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,
             message_id=uuid.uuid4().hex,
             type=msg_type,
             timestamp=int(time.time()),
@@ -258,15 +259,19 @@ class Bus:
         correlation_id: str | None = None,
         expiration_s: float | None = None,
         mandatory: bool = True,
+        persistent: bool = True,
     ) -> None:
-        """Publish one message, persistent and confirmed (as a blob of parts when its arrays are large)."""
+        """Publish one message, confirmed and (unless told otherwise) persistent; as a blob of parts
+        when its arrays are large. Transient suits advisory events that are re-sent or re-derived
+        after a broker restart (heartbeats, verdicts): the broker confirms them without a disk write."""
         wire = msg.to_wire()
         h = dict(headers or {})
         if cc:
             h["CC"] = list(cc)
         if array_bytes(wire) > self.settings.chunk_bytes:
             for part in split(wire, self.settings.chunk_bytes):
-                props = self.properties(msg.TYPE, {**h, **part.headers}, reply_to, correlation_id, expiration_s)
+                props = self.properties(msg.TYPE, {**h, **part.headers}, reply_to, correlation_id, expiration_s,
+                                        persistent)
                 self.publish_raw(exchange, routing_key, part.body, props, mandatory)
             return
         body = pack(wire)
@@ -274,7 +279,7 @@ class Bus:
             raise SagmqError(
                 f"{msg.TYPE} message of {len(body)} bytes exceeds SAGMQ_MAX_BODY_BYTES={self.settings.max_body_bytes}"
             )
-        props = self.properties(msg.TYPE, h, reply_to, correlation_id, expiration_s)
+        props = self.properties(msg.TYPE, h, reply_to, correlation_id, expiration_s, persistent)
         self.publish_raw(exchange, routing_key, body, props, mandatory)
 
     def publish_raw(
@@ -310,7 +315,8 @@ class Bus:
             return
         try:
             # Not mandatory: RabbitMQ 3.10 returns direct reply-to publishes as NO_ROUTE even when delivered.
-            self.publish("", request.reply_to, msg, correlation_id=request.correlation_id, mandatory=False)
+            self.publish("", request.reply_to, msg, correlation_id=request.correlation_id, mandatory=False,
+                         persistent=False)
         except SagmqError as e:  # the requester left; nothing else to do
             log.warning("reply to %s not delivered: %s", request.reply_to, e)
 

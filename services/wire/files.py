@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write, fsync, rename, then fsync the folder."""
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object], also: Path | None = None) -> None:
+    """Let write() fill a temp file, fsync it, hard-link it as `also` (if given), rename it to path.
+
+    A reader sees either the old file or the whole new one, never a part.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if also is not None:
+            if also.exists():
+                also.unlink()
+            os.link(tmp, also)  # the snapshot shares the bytes; files are only ever replaced, never edited
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -88,6 +88,7 @@ class PersistorConfig:
     model_dir: str = "models"
     model_name: str = "server.npy"
     model: list[Any] | None = None
+    source_ckpt_file_full_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +264,9 @@ def parse_persistor(file: str, fld: str, args: dict[str, Any]) -> PersistorConfi
     unknown = set(args) - {"model_dir", "model_name", "model", "source_ckpt_file_full_name"}
     if unknown:
         raise JobSpecError(file, f"{fld}.{sorted(unknown)[0]}", "is not an NPModelPersistor argument")
-    if args.get("source_ckpt_file_full_name"):
-        raise JobSpecError(file, f"{fld}.source_ckpt_file_full_name", "is not supported by sagmq; use 'model'")
+    ckpt = args.get("source_ckpt_file_full_name") or ""
+    if not isinstance(ckpt, str) or (ckpt and not ckpt.endswith((".npy", ".npz"))):
+        raise JobSpecError(file, f"{fld}.source_ckpt_file_full_name", "must be the path of a .npy or .npz file")
     model_dir = _str(file, f"{fld}.model_dir", args.get("model_dir", "models"))
     model_name = _str(file, f"{fld}.model_name", args.get("model_name", "server.npy"))
     for name, v in (("model_dir", model_dir), ("model_name", model_name)):
@@ -273,7 +275,7 @@ def parse_persistor(file: str, fld: str, args: dict[str, Any]) -> PersistorConfi
     model = args.get("model")
     if model is not None and not isinstance(model, list):
         raise JobSpecError(file, f"{fld}.model", "must be a (nested) list of numbers")
-    return PersistorConfig(model_dir, model_name, model)
+    return PersistorConfig(model_dir, model_name, model, ckpt)
 
 
 def parse_trainer_args(file: str, fld: str, args: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ def setup_logging(level: str, service: str) -> None:
     """Log lines to stderr as `time level service logger: message`."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s", "%H:%M:%S")
+        logging.Formatter(f"%(asctime)s.%(msecs)03d %(levelname)s {service} %(name)s: %(message)s", "%H:%M:%S")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

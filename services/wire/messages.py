@@ -236,6 +236,7 @@ class ModelLoad(Message):
     model_dir: str = "models"
     model_name: str = "server.npy"
     initial: list[Any] | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)

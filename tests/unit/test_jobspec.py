@@ -357,7 +357,7 @@ INVALID: list[tuple[str, Callable[[Files], Files], str, str]] = [
     ("persistor model_name a/../../b", server(lambda c: comp(c, "persistor")["args"].update(
         model_name="a/../../b.npy")), SFILE, "components[0].args.model_name"),
     ("persistor source_ckpt", server(lambda c: comp(c, "persistor")["args"].update(
-        source_ckpt_file_full_name="/x.npy")), SFILE, "components[0].args.source_ckpt_file_full_name"),
+        source_ckpt_file_full_name="/x.pt")), SFILE, "components[0].args.source_ckpt_file_full_name"),
     ("persistor model not a list", server(lambda c: comp(c, "persistor")["args"].update(model="1,2")), SFILE,
      "components[0].args.model"),
     ("missing client config", drop(CFILE), CFILE, "-"),

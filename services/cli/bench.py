@@ -1,0 +1,199 @@
+"""`sagmq bench`: the real services as local processes, one job, per-round seconds against the
+broker floor measured in the same run, peak memory of every service, and a correctness check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.cli.admin import AdminClient
+from services.cli.floor import measure_floor, median
+from services.cli.procs import LocalStack, Proc
+from services.wire.bus import delete_topology
+from services.wire.errors import SagmqError
+from services.wire.jobspec import read_job_folder
+from services.wire.settings import Settings
+from services.wire.topology import service_topology, site_topology
+
+NV = "nvflare.app_common"
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a live process, in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def write_job(root: Path, clients: int, rounds: int, ckpt: Path) -> Path:
+    """hello-numpy-sag with N sites, R rounds, and the bench model as the persistor's checkpoint."""
+    app = root / "app" / "config"
+    app.mkdir(parents=True)
+    (root / "meta.json").write_text(json.dumps(
+        {"name": "bench", "resource_spec": {}, "min_clients": clients, "deploy_map": {"app": ["@ALL"]}}))
+    server = {
+        "format_version": 2,
+        "components": [
+            {"id": "persistor", "path": f"{NV}.np.np_model_persistor.NPModelPersistor",
+             "args": {"source_ckpt_file_full_name": str(ckpt)}},
+            {"id": "shareable_generator",
+             "path": f"{NV}.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator",
+             "args": {}},
+            {"id": "aggregator",
+             "path": f"{NV}.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator",
+             "args": {"expected_data_kind": "WEIGHTS"}},
+        ],
+        "workflows": [{"id": "sag", "path": f"{NV}.workflows.scatter_and_gather.ScatterAndGather", "args": {
+            "min_clients": clients, "num_rounds": rounds, "wait_time_after_min_received": 600,
+            "persistor_id": "persistor", "train_timeout": 0}}],
+    }
+    (app / "config_fed_server.json").write_text(json.dumps(server))
+    (app / "config_fed_client.json").write_text(json.dumps({"format_version": 2, "executors": [
+        {"tasks": ["train"], "executor": {"path": f"{NV}.np.np_trainer.NPTrainer", "args": {}}}]}))
+    return root
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": median(xs), "min": min(xs) if xs else float("nan"), "max": max(xs) if xs else float("nan"),
+            "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+
+def run_bench(s: Settings, a: argparse.Namespace) -> int:
+    """Measure the floor, run the job, report; exit 0 only if the final model is right."""
+    if a.clients < 1 or a.floats < 1 or a.rounds < 1:
+        raise SagmqError("--clients, --floats and --rounds must be at least 1")
+    dtype = np.dtype(a.dtype)
+    if dtype.kind != "f":
+        raise SagmqError("--dtype must be a float type (float16, float32, float64)")
+    s = replace(s, chunk_bytes=int(a.chunk_mb * 2**20)) if a.chunk_mb else s
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    s = replace(s, prefix=prefix)
+    work = Path(a.workspace) if a.workspace else Path(tempfile.mkdtemp(prefix="sagmq-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    nbytes = a.floats * dtype.itemsize
+    say = (lambda *x: None) if a.json else (lambda *x: print(*x, flush=True))
+    say(f"bench: {a.clients} clients x {a.floats} {dtype.name} ({nbytes / 1e6:.1f} MB), {a.rounds} rounds, "
+        f"chunk {s.chunk_bytes / 2**20:g} MiB, workspace {work}")
+
+    floor: list[float] = []
+    if not a.skip_floor:
+        say("bench: measuring the broker floor ...")
+        floor = measure_floor(s, prefix, a.clients, nbytes, a.rounds)
+        say(f"bench: floor median {median(floor):.4f} s/round")
+
+    base = (np.arange(a.floats) % 1000).astype(dtype)
+    ckpt = work / "initial.npy"
+    np.save(ckpt, base)
+    del base
+    job = write_job(work / "job", a.clients, a.rounds, ckpt)
+    sites = [f"site-{i}" for i in range(1, a.clients + 1)]
+    env = {"SAGMQ_PREFIX": prefix, "SAGMQ_WORKSPACE": str(work / "ws"), "SAGMQ_CHUNK_BYTES": str(s.chunk_bytes),
+           "SAGMQ_LOG_LEVEL": "INFO" if a.keep else "WARNING", "SAGMQ_HEARTBEAT_S": "2", "SAGMQ_CLIENT_TIMEOUT_S": "120",
+           "SAGMQ_MAX_MODEL_BYTES": str(max(s.max_model_bytes, 2 * nbytes + 2**20))}
+    stack = LocalStack(env, work / "logs")
+    admin = AdminClient(s)
+    procs: dict[str, Proc] = {}
+    try:
+        for name in ("persistor", "aggregator", "server"):
+            procs[name] = stack.start(name, name)
+        for site in sites:
+            procs[site] = stack.start(site, "client", "--site", site)
+        t0 = time.monotonic()
+        while True:
+            dead = stack.dead()
+            if dead:
+                raise SagmqError(f"{dead[0].name} exited:\n{dead[0].tail()}")
+            try:
+                alive = sum(1 for x in admin.status()["sites"] if x["alive"])
+            except SagmqError:
+                alive = 0
+            if alive == a.clients:
+                break
+            if time.monotonic() - t0 > 60 + a.clients:
+                raise SagmqError(f"only {alive} of {a.clients} sites connected")
+            time.sleep(0.2)
+        say(f"bench: {a.clients} sites up in {time.monotonic() - t0:.1f} s; running the job ...")
+        job_id = admin.submit(read_job_folder(job))
+        shown = 0
+        while True:
+            st = admin.status(job_id)
+            for h in st["history"][shown:]:
+                if "done_at" in h:
+                    say(f"bench: round {h['round']} {h['done_at'] - h['started_at']:.3f} s")
+                    shown += 1
+            if st["status"] in ("finished", "failed", "aborted"):
+                break
+            time.sleep(0.05)
+        rss = {name: round(peak_rss_mb(p.popen.pid), 1) for name, p in procs.items()}
+        if st["status"] != "finished":
+            raise SagmqError(f"job {st['status']}: {st['reason']}")
+        rounds = [h["done_at"] - h["started_at"] for h in st["history"] if "done_at" in h]
+        final = np.load(work / "ws" / "persistor" / "jobs" / job_id / "models" / "server.npy", mmap_mode="r")
+        expected_base = (np.arange(a.floats) % 1000).astype(dtype)
+        correct = bool(final.dtype == dtype and final.shape == (a.floats,)
+                       and np.array_equal(final, expected_base + dtype.type(a.rounds)))
+    finally:
+        stack.stop_all()
+        try:
+            for site in sites:
+                delete_topology(admin.bus, site_topology(prefix, site))
+            delete_topology(admin.bus, service_topology(prefix))
+        except Exception as e:  # cleanup is best effort
+            print(f"bench: cleanup of prefix {prefix} failed: {e}", file=sys.stderr)
+        admin.close()
+    client_rss = [v for k, v in rss.items() if k.startswith("site-")]
+    report: dict[str, Any] = {
+        "clients": a.clients, "floats": a.floats, "dtype": dtype.name, "model_mb": round(nbytes / 1e6, 3),
+        "rounds": a.rounds, "chunk_mib": s.chunk_bytes / 2**20,
+        "round_s": rounds, "round_s_median": median(rounds), "round_s_spread": _stats(rounds),
+        "floor_round_s": floor, "floor_round_s_median": median(floor) if floor else None,
+        "ratio": (median(rounds) / median(floor)) if floor else None,
+        "peak_rss_mb": {"server": rss["server"], "aggregator": rss["aggregator"], "persistor": rss["persistor"],
+                        "client_max": max(client_rss), "client_median": statistics.median(client_rss)},
+        "services_total_mb": round(rss["server"] + rss["aggregator"] + rss["persistor"], 1),
+        "correct": correct,
+    }
+    if a.json:
+        print(json.dumps(report))
+    else:
+        sp = report["round_s_spread"]
+        print(f"round seconds: median {sp['median']:.4f} (min {sp['min']:.4f}, max {sp['max']:.4f})")
+        if floor:
+            print(f"broker floor:  median {median(floor):.4f} s/round; ratio {report['ratio']:.2f}")
+        r = report["peak_rss_mb"]
+        print(f"peak RSS MB: server {r['server']}, aggregator {r['aggregator']}, persistor {r['persistor']}, "
+              f"client max {r['client_max']} (model {report['model_mb']} MB)")
+        print(f"final model correct: {correct}")
+    if not a.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if correct else 1
+
+
+def add_parser(sub: Any) -> None:
+    """The `bench` subcommand's arguments."""
+    sp = sub.add_parser("bench", help="benchmark: per-round seconds vs the broker floor, peak memory")
+    sp.add_argument("--clients", type=int, default=2)
+    sp.add_argument("--floats", type=int, default=9, help="model size in floats")
+    sp.add_argument("--rounds", type=int, default=5)
+    sp.add_argument("--dtype", default="float32")
+    sp.add_argument("--chunk-mb", type=float, help="part size in MiB (default: SAGMQ_CHUNK_BYTES, 16 MiB)")
+    sp.add_argument("--workspace", help="folder for the run (default: a temp folder, removed afterwards)")
+    sp.add_argument("--keep", action="store_true", help="keep the workspace and logs")
+    sp.add_argument("--skip-floor", action="store_true", help="do not measure the broker floor")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
