@@ -324,6 +324,7 @@ class AggregatorService:
             except (DecodeError, Rejected) as e:
                 self._refuse_stream(cur, st, str(e))
                 return
+            d.body = b""  # added to the sums: hold only the delivery tag
         st.got.add(idx)
         if len(st.got) == st.parts:
             del cur.streams[st.blob]

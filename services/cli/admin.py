@@ -6,7 +6,7 @@ from typing import Any
 
 from services.wire.bus import Bus
 from services.wire.errors import RpcTimeout, SagmqError
-from services.wire.messages import AdminReply, AdminRequest, decode
+from services.wire.messages import AdminReply, AdminRequest
 from services.wire.settings import Settings
 from services.wire.topology import RK_ADMIN_PERSISTOR, RK_ADMIN_SERVER, service_topology
 
@@ -32,7 +32,7 @@ class AdminClient:
         except RpcTimeout as e:
             who = "sagmq server" if to == RK_ADMIN_SERVER else "sagmq persistor"
             raise SagmqError(f"{e}: is `{who}` running with SAGMQ_PREFIX={self.s.prefix}?") from e
-        reply = decode(AdminReply, d.body, 2**31)
+        reply = d.message(AdminReply, self.s.max_body_bytes)
         if not reply.ok:
             raise SagmqError(reply.error)
         return reply

@@ -39,7 +39,7 @@ class LocalStack:
         """Run `sagmq ARGS` as a child process."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, **self.env, **(env or {})}
+        full_env = {**os.environ, "SAGMQ_EXIT_WITH_PARENT": "1", **self.env, **(env or {})}
         with open(log, "ab") as f:
             p = subprocess.Popen([sys.executable, "-m", "services.cli.main", *args], env=full_env,
                                  stdout=f, stderr=subprocess.STDOUT, start_new_session=True)

@@ -66,7 +66,9 @@ class ClientService:
     def start(self) -> None:
         """Declare the site queue and start consuming."""
         self.bus.declare(site_topology(self.s.prefix, self.site))
-        self.bus.consume(self.bus.names.site_queue(self.site), self.on_message, prefetch=1)
+        # unlimited prefetch: a large task arrives in parts that are held until all are in (tasks are
+        # acked on receipt and queued for the worker, so nothing is hoarded beyond what the queue holds)
+        self.bus.consume(self.bus.names.site_queue(self.site), self.on_message, prefetch=0)
         self.worker.start()
 
     def run(self) -> None:

@@ -38,7 +38,7 @@ class PersistorService:
 
     def run(self) -> None:
         """Serve until stopped."""
-        self.bus.consume(self.bus.names.persistor_queue, self.on_message, prefetch=4)
+        self.bus.consume(self.bus.names.persistor_queue, self.on_message, prefetch=0)  # saves come in held parts
         log.info("persistor ready (store %s)", self.store.root)
         self.bus.run(self.stop)
 

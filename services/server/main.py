@@ -151,7 +151,7 @@ class ServerService:
     def run(self) -> None:
         """Serve until stopped; resume a job that was running when the server stopped."""
         n = self.names
-        self.bus.consume(n.server_queue, self.on_event, prefetch=64)
+        self.bus.consume(n.server_queue, self.on_event, prefetch=0)  # aggregates come in held parts
         self.bus.consume(n.server_admin_queue, self.on_admin, prefetch=1)
         for job in sorted(self.jobs.values(), key=lambda j: j.submitted_at):
             if job.status == RUNNING:

@@ -35,6 +35,7 @@ H_OFFSET = "x-sagmq-offset"
 H_CRC = "x-sagmq-crc32"
 H_SIZE = "x-sagmq-size"
 ALIGN = 8
+BIG_BYTES = 64 * 1024  # binary values at least this large travel in the raw section too
 
 
 def wire_with_refs(wire: Any, views: list[memoryview], offset: list[int]) -> Any:
@@ -53,17 +54,25 @@ def wire_with_refs(wire: Any, views: list[memoryview], offset: list[int]) -> Any
         return {k: wire_with_refs(v, views, offset) for k, v in wire.items()}
     if isinstance(wire, list):
         return [wire_with_refs(v, views, offset) for v in wire]
+    if isinstance(wire, bytes | memoryview) and len(wire) >= BIG_BYTES:  # a large file, e.g. in a download
+        mv = memoryview(wire).cast("B")
+        ref = {"bytes": [offset[0], len(mv)]}
+        views.append(mv)
+        offset[0] += len(mv)
+        return ref
     return wire
 
 
 def array_bytes(wire: Any) -> int:
-    """Bytes of array data in a wire map (to decide whether it must be split)."""
+    """Bytes of array data and large binaries in a wire map (to decide whether it must be split)."""
     if isinstance(wire, dict):
         if set(wire) == {"dtype", "shape", "data"}:
             return len(wire["data"])
         return sum(array_bytes(v) for v in wire.values())
     if isinstance(wire, list):
         return sum(array_bytes(v) for v in wire)
+    if isinstance(wire, bytes | memoryview) and len(wire) >= BIG_BYTES:
+        return len(wire)
     return 0
 
 
@@ -140,6 +149,12 @@ def refs(header: Any, size: int, out: list[tuple[int, int, np.dtype[Any], tuple[
     """Every array reference of a header: (offset, nbytes, dtype, shape), validated against size."""
     out = [] if out is None else out
     if isinstance(header, Mapping):
+        if set(header) == {"bytes"}:
+            ref = header["bytes"]
+            if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(x, int) for x in ref)
+                    and ref[0] >= 0 and ref[1] >= 0 and ref[0] + ref[1] <= size):
+                raise DecodeError(f"{where}: bad binary reference {ref!r}")
+            return out
         if set(header) == {"dtype", "shape", "blob"}:
             dtype, shape, (off, nbytes) = header["dtype"], header["shape"], header["blob"]
             if dtype not in ALLOWED_DTYPES:
@@ -163,6 +178,9 @@ def refs(header: Any, size: int, out: list[tuple[int, int, np.dtype[Any], tuple[
 def resolve(header: Any, raw: memoryview) -> Any:
     """The header with every reference replaced by an encoded ndarray over raw (no copy)."""
     if isinstance(header, Mapping):
+        if set(header) == {"bytes"}:
+            off, nbytes = header["bytes"]
+            return bytes(raw[off:off + nbytes])
         if set(header) == {"dtype", "shape", "blob"}:
             off, nbytes = header["blob"]
             return {"dtype": header["dtype"], "shape": header["shape"], "data": raw[off:off + nbytes]}

@@ -96,8 +96,13 @@ class _State:
     consumers: list[_Consumer] = field(default_factory=list)
 
 
+def _tls_failure(e: BaseException) -> bool:
+    """A TLS handshake refusal (pika keeps TLS 1.3's late alert only as text)."""
+    return isinstance(e, ssl.SSLError) or "SSLError(" in str(e)
+
+
 def _retryable(e: BaseException) -> bool:
-    return isinstance(e, px.AMQPConnectionError) and not isinstance(e, _AUTH_ERRORS)
+    return isinstance(e, px.AMQPConnectionError) and not isinstance(e, _AUTH_ERRORS) and not _tls_failure(e)
 
 
 class Bus:
@@ -157,7 +162,12 @@ class Bus:
             retrying(self._open_once)
         except _AUTH_ERRORS as e:
             raise BrokerUnavailable(self._safe_url(), f"the broker refused the credentials ({e!r})") from e
+        except ssl.SSLError as e:
+            raise BrokerUnavailable(self._safe_url(), f"TLS handshake failed: {e}") from e
         except px.AMQPError as e:
+            if _tls_failure(e):
+                raise BrokerUnavailable(self._safe_url(), f"the broker refused TLS (client certificate missing "
+                                                          f"or untrusted?): {e}") from e
             raise BrokerUnavailable(self._safe_url(), f"{type(e).__name__}: {e}") from e
         log.info("connected to broker %s as %s", self._safe_url(), self.service)
         return self
@@ -399,6 +409,8 @@ class Bus:
         except DecodeError as e:
             self._refuse_blob(key, f"blob part {idx} of {n}: {e}")
             return None
+        if idx > 0 and idx in asm.got:
+            d.body = b""  # copied into the assembly: hold only the delivery tag
         if not done:
             return None
         del self._assemblies[key]
@@ -412,9 +424,11 @@ class Bus:
         """Dead-letter a blob (its first held part carries the reason) and drop the rest of it."""
         _, held = self._assemblies.pop(key)
         self._refused_blobs[key[1]] = time.monotonic()
-        self.dead_letter(held[0], reason)
-        for p in held[1:]:
-            self.ack(p)
+        first = next((p for p in held if p.headers.get("x-sagmq-part") == 0), held[0])
+        self.dead_letter(first, reason)
+        for p in held:
+            if p is not first:
+                self.ack(p)
 
     def expire_blobs(self) -> None:
         """Dead-letter blobs whose missing parts did not come within chunk_timeout_s."""
@@ -551,16 +565,24 @@ class Bus:
         ch = self.channel
         corr = uuid.uuid4().hex
         box: list[Delivery] = []
+        asm: list[Assembly] = []
 
         def on_reply(_ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-            if props.correlation_id == corr:
-                box.append(
-                    Delivery(
-                        "amq.rabbitmq.reply-to", method.exchange, method.routing_key, props.type or "",
-                        dict(props.headers or {}), props.user_id, props.message_id, props.correlation_id,
-                        None, False, body, 0, self._generation,
-                    )
-                )
+            if props.correlation_id != corr:
+                return
+            headers = dict(props.headers or {})
+            d = Delivery("amq.rabbitmq.reply-to", method.exchange, method.routing_key, props.type or "", headers,
+                         props.user_id, props.message_id, props.correlation_id, None, False, body, 0,
+                         self._generation)
+            if not is_part(headers):
+                box.append(d)
+                return
+            blob, idx, n, size = part_info(headers)  # a large reply (a download) comes in parts
+            if not asm:
+                asm.append(Assembly(blob, n, size, self.settings.max_model_bytes))
+            if asm[0].add(idx, headers, body, self.settings.max_body_bytes):
+                d.payload = asm[0].message_map()
+                box.append(d)
 
         tag = ch.basic_consume("amq.rabbitmq.reply-to", on_reply, auto_ack=True)
         try:
