@@ -378,9 +378,9 @@ class AggregatorService:
     def _consider(self, d: Delivery, r: TaskResult) -> None:
         cur = self.open.get(r.job_id)
         if cur is None:
-            if r.job_id in self.ended or r.job_id in self.closed:
+            if r.job_id in self.ended or r.round <= self.closed.get(r.job_id, -1):
                 self._reject(d, r, f"stale: job {r.job_id} has no open round (result for round {r.round})")
-            else:  # maybe its round.open is still on its way (redelivery after a restart)
+            else:  # its round.open may still be on its way (sent again after a broker restart)
                 d.deferred = True
                 self.early.append(Early(d, r, time.monotonic()))
             return

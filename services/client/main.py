@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from services.client.api import TaskContext, TaskError
 from services.client.apps import App, deploy
 from services.wire.bus import Bus, Delivery
-from services.wire.errors import Rejected
+from services.wire.errors import Rejected, SagmqError
 from services.wire.lifecycle import install_stop_signals
 from services.wire.logs import setup_logging
 from services.wire.messages import (
@@ -58,6 +58,7 @@ class ClientService:
         self.stop = threading.Event()
         self.state = ClientState()
         self.work: queue.Queue[_Work | None] = queue.Queue()
+        self.outbox: queue.Queue[TaskResult] = queue.Queue()
         self.workspace = settings.workspace / self.site
         self._hello = True
         self._next_beat = 0.0
@@ -83,8 +84,23 @@ class ClientService:
                 if self.state.current:
                     self.state.current.ctx.abort.set()
 
+    def flush_results(self) -> None:
+        """Publish finished results (on the I/O thread); one that cannot go now is kept for later."""
+        while True:
+            try:
+                r = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._publish_result(r)
+            except Exception:
+                self.outbox.put(r)
+                raise
+
     def tick(self) -> None:
-        """Send a heartbeat every heartbeat_s seconds."""
+        """Send pending results, and a heartbeat every heartbeat_s seconds."""
+        if not self.outbox.empty():
+            self.flush_results()
         now = time.monotonic()
         if now < self._next_beat:
             return
@@ -154,7 +170,11 @@ class ClientService:
             finally:
                 with self.state.lock:
                     self.state.current = None
-            self.bus.call_threadsafe(lambda r=result: self._publish_result(r))
+            self.outbox.put(result)
+            try:
+                self.bus.call_threadsafe(self.flush_results)
+            except SagmqError:
+                pass  # not connected right now: the I/O thread's tick sends it after reconnecting
 
     def _run(self, w: _Work) -> TaskResult:
         t = w.task

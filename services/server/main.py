@@ -317,7 +317,11 @@ class ServerService:
             self.bus.publish(self.names.events, RK_ROUND_CLOSE, run.round_close, headers=h, persistent=False)
 
     def on_reconnect(self) -> None:
-        """The broker may have restarted: the aggregator needs the open round again."""
+        """The broker may have restarted: sites get a fresh grace period (the server could not hear
+        their heartbeats while it was away), and the aggregator gets the open round again."""
+        now = time.monotonic()
+        for site in self.sites.values():
+            site.last_seen = max(site.last_seen, now)
         run = self.run_
         if run is not None and run.phase in ("training", "aggregating"):
             log.info("reconnected: sending round %s of job %s to the aggregator again", run.job.current_round,

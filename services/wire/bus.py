@@ -22,6 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions as px
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -102,7 +103,9 @@ def _tls_failure(e: BaseException) -> bool:
 
 
 def _retryable(e: BaseException) -> bool:
-    return isinstance(e, px.AMQPConnectionError) and not isinstance(e, _AUTH_ERRORS) and not _tls_failure(e)
+    # a handshake that times out (a black-holed network) surfaces as pika's connector errors
+    lost = isinstance(e, px.AMQPConnectionError | AMQPConnectorException)
+    return lost and not isinstance(e, _AUTH_ERRORS) and not _tls_failure(e)
 
 
 class Bus:
@@ -164,6 +167,8 @@ class Bus:
             raise BrokerUnavailable(self._safe_url(), f"the broker refused the credentials ({e!r})") from e
         except ssl.SSLError as e:
             raise BrokerUnavailable(self._safe_url(), f"TLS handshake failed: {e}") from e
+        except AMQPConnectorException as e:
+            raise BrokerUnavailable(self._safe_url(), f"{type(e).__name__}: {e}") from e
         except px.AMQPError as e:
             if _tls_failure(e):
                 raise BrokerUnavailable(self._safe_url(), f"the broker refused TLS (client certificate missing "
@@ -504,6 +509,10 @@ class Bus:
             if self._conn is None:
                 raise px.AMQPConnectionError("not connected")
             self._conn.process_data_events(time_limit=time_limit)
+            if self._ch is None or not self._ch.is_open:
+                # the broker closed our channel (e.g. a delivery held past consumer_timeout):
+                # pika says nothing until the channel is next used, so look
+                raise px.ChannelClosed(0, "the broker closed the channel")
         except _CONNECTION_ERRORS as e:
             self._reconnect(e)
         if self._reset_pending:

@@ -1,4 +1,4 @@
-"""Logging set up once per process, in main(); pika kept at WARNING."""
+"""Logging set up once per process, in main(); pika's own logging kept quiet."""
 
 from __future__ import annotations
 
@@ -15,4 +15,6 @@ def setup_logging(level: str, service: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs every failed connection attempt at ERROR with a traceback; the bus logs each loss
+    # and retry itself, with the reason, once
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
