@@ -9,7 +9,6 @@ round.open is held for a grace period instead of being refused.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
@@ -24,8 +23,7 @@ from services.wire.bus import Bus, Delivery
 from services.wire.codec import check_plain, unpack
 from services.wire.errors import DecodeError, Rejected
 from services.wire.jobspec import AggregatorConfig
-from services.wire.lifecycle import install_stop_signals
-from services.wire.logs import setup_logging
+from services.wire.lifecycle import serve
 from services.wire.messages import (
     ABORTED,
     FAILED,
@@ -39,8 +37,8 @@ from services.wire.messages import (
     TaskResult,
     from_wire,
 )
-from services.wire.settings import Settings, load_settings
-from services.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED, service_topology
+from services.wire.settings import Settings
+from services.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED
 
 log = logging.getLogger(__name__)
 
@@ -417,13 +415,4 @@ class AggregatorService:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sagmq aggregator`."""
-    argparse.ArgumentParser(prog="sagmq aggregator", description="Run the aggregator service.").parse_args(argv)
-    settings = load_settings()
-    setup_logging(settings.log_level, "aggregator")
-    bus = Bus(settings, "aggregator").connect()
-    bus.declare(service_topology(settings.prefix))
-    svc = AggregatorService(settings, bus)
-    install_stop_signals(svc.stop)
-    svc.run()
-    bus.close()
-    return 0
+    return serve("aggregator", AggregatorService, argv)

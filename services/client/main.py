@@ -15,8 +15,7 @@ from services.client.api import TaskContext, TaskError
 from services.client.apps import App, deploy
 from services.wire.bus import Bus, Delivery
 from services.wire.errors import Rejected, SagmqError
-from services.wire.lifecycle import install_stop_signals
-from services.wire.logs import setup_logging
+from services.wire.lifecycle import serve
 from services.wire.messages import (
     RC_EXECUTION_EXCEPTION,
     RC_OK,
@@ -217,10 +216,4 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings.with_site(args.site or settings.site or default_site_name())
     if args.allow_custom_code:
         settings = replace(settings, allow_custom_code=True)
-    setup_logging(settings.log_level, f"client[{settings.site}]")
-    bus = Bus(settings, f"client-{settings.site}").connect()
-    svc = ClientService(settings, bus)
-    install_stop_signals(svc.stop)
-    svc.run()
-    bus.close()
-    return 0
+    return serve("client", ClientService, settings=settings, service_topology_too=False)

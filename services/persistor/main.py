@@ -9,8 +9,7 @@ from services.persistor.store import ModelStore
 from services.wire.bus import Bus, Delivery
 from services.wire.codec import DXO, WEIGHTS
 from services.wire.errors import Rejected, SagmqError
-from services.wire.lifecycle import install_stop_signals
-from services.wire.logs import setup_logging
+from services.wire.lifecycle import serve
 from services.wire.messages import (
     AdminReply,
     AdminRequest,
@@ -21,8 +20,8 @@ from services.wire.messages import (
     ModelSave,
     ModelSaved,
 )
-from services.wire.settings import Settings, load_settings
-from services.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED, service_topology
+from services.wire.settings import Settings
+from services.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +103,4 @@ class PersistorService:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sagmq persistor`."""
-    settings = load_settings()
-    setup_logging(settings.log_level, "persistor")
-    bus = Bus(settings, "persistor").connect()
-    bus.declare(service_topology(settings.prefix))
-    svc = PersistorService(settings, bus)
-    install_stop_signals(svc.stop)
-    svc.run()
-    bus.close()
-    return 0
+    return serve("persistor", PersistorService, argv)

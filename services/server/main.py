@@ -20,8 +20,7 @@ from services.wire.codec import DXO, WEIGHTS, pack, unpack
 from services.wire.errors import JobSpecError, Rejected, SagmqError
 from services.wire.files import atomic_write
 from services.wire.jobspec import JobSpec, parse_job
-from services.wire.lifecycle import install_stop_signals
-from services.wire.logs import setup_logging
+from services.wire.lifecycle import serve
 from services.wire.messages import (
     ABORTED,
     FAILED,
@@ -43,7 +42,7 @@ from services.wire.messages import (
     RoundOpen,
     TrainTask,
 )
-from services.wire.settings import Settings, load_settings
+from services.wire.settings import Settings
 from services.wire.topology import (
     RK_MODEL_LOAD,
     RK_MODEL_SAVE,
@@ -51,7 +50,6 @@ from services.wire.topology import (
     RK_ROUND_OPEN,
     rk_control,
     rk_job,
-    service_topology,
 )
 
 log = logging.getLogger(__name__)
@@ -550,12 +548,4 @@ class ServerService:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sagmq server`."""
-    settings = load_settings()
-    setup_logging(settings.log_level, "server")
-    bus = Bus(settings, "server").connect()
-    bus.declare(service_topology(settings.prefix))
-    svc = ServerService(settings, bus)
-    install_stop_signals(svc.stop)
-    svc.run()
-    bus.close()
-    return 0
+    return serve("server", ServerService, argv)

@@ -1,10 +1,19 @@
-"""Process lifecycle shared by the services: graceful stop on SIGTERM/SIGINT."""
+"""Process lifecycle shared by the services: settings, logging, connection, graceful stop."""
 
 from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Protocol
 
 import os
 import signal
 import threading
+
+from services.wire.bus import Bus
+from services.wire.logs import setup_logging
+from services.wire.settings import Settings, load_settings
+from services.wire.topology import service_topology
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -28,3 +37,31 @@ def exit_with_parent(stop: threading.Event, env: dict[str, str] | None = None) -
                 stop.set()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class Service(Protocol):
+    """What serve() runs: a stop event and a loop that returns once it is set."""
+
+    stop: threading.Event
+
+    def run(self) -> None: ...
+
+
+def serve(name: str, build: Callable[[Settings, Bus], Service], argv: list[str] | None = None,
+          settings: Settings | None = None, service_topology_too: bool = True) -> int:
+    """main() of a service: settings, then logging, then the connection, then the service."""
+    if settings is None:
+        argparse.ArgumentParser(prog=f"sagmq {name}", description=f"Run the sagmq {name} service.").parse_args(argv)
+        settings = load_settings()
+    site = settings.site if name == "client" else ""
+    setup_logging(settings.log_level, f"{name}[{site}]" if site else name)
+    bus = Bus(settings, f"{name}-{site}" if site else name).connect()
+    if service_topology_too:
+        bus.declare(service_topology(settings.prefix))
+    svc = build(settings, bus)
+    install_stop_signals(svc.stop)
+    try:
+        svc.run()
+    finally:
+        bus.close()
+    return 0
