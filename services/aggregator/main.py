@@ -100,6 +100,7 @@ class AggregatorService:
         self.ended: set[str] = set()  # jobs that finished, failed or were aborted
         self.early: list[Early] = []
         self.refused: dict[str, float] = {}  # blobs already turned away: their remaining parts are dropped
+        self.pending: dict[str, float] = {}  # blobs whose round.open has not come yet: since when
         bus.on_reconnect.append(self.forget_unacked)
 
     def start(self) -> None:
@@ -266,11 +267,25 @@ class AggregatorService:
             if st is not None:
                 self._stream_part(cur, st, d, idx)
                 return
+        job, rnd = d.header_str("job_id"), d.header_str("round")
+        if self._round_pending(job, rnd):
+            since = self.pending.setdefault(blob, time.monotonic())
+            if time.monotonic() - since < self.grace_s:
+                time.sleep(0.01)  # its round.open is on its way (sent again after a broker restart)
+                self.bus.requeue(d)
+                return
+        self.pending.pop(blob, None)
         if idx != 0:
             # parts come in order from one publisher: a data part without its header is left over
             # from a blob refused before a restart
             raise Rejected(f"part {idx} of blob {blob} without its header")
         self._open_stream(d, blob, n, size)
+
+    def _round_pending(self, job: str, rnd: str) -> bool:
+        """A result of a round whose round.open has not come yet (and is not stale)."""
+        if not job or job in self.open or job in self.ended or not rnd.lstrip("-").isdigit():
+            return False
+        return int(rnd) > self.closed.get(job, -1)
 
     def _open_stream(self, d: Delivery, blob: str, n: int, size: int) -> None:
         header = unpack(d.body, self.s.max_body_bytes)
@@ -391,6 +406,7 @@ class AggregatorService:
             self._reject(d, r, e.reason)
             return
         d.deferred = True
+        d.body = b""  # added to the sums: hold only the delivery tag, not the result
         cur.held.append(d)
         self._verdict(r, True, "")
         log.info("contribution from %s ACCEPTED at round %d of job %s", r.site, r.round, r.job_id)
@@ -409,7 +425,7 @@ class AggregatorService:
     def _verdict(self, r: TaskResult, accepted: bool, reason: str) -> None:
         ev = Contribution(r.job_id, r.round, r.site, accepted, r.rc, reason, r.task_id)
         # transient: after a broker restart the aggregator rebuilds and sends its verdicts again
-        self.bus.publish(self.bus.names.events, RK_CONTRIBUTION, ev, persistent=False,
+        self.bus.publish(self.bus.names.events, RK_CONTRIBUTION, ev, advisory=True,
                          headers={"job_id": r.job_id, "round": r.round, "site": r.site})
 
 

@@ -130,7 +130,11 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         job_id = admin.submit(read_job_folder(job))
         shown = 0
         while True:
-            st = admin.status(job_id)
+            try:
+                st = admin.status(job_id)
+            except SagmqError as e:  # the server can be busy for a while moving a very large model
+                say(f"bench: status not answered yet ({e})")
+                continue
             for h in st["history"][shown:]:
                 if "done_at" in h:
                     say(f"bench: round {h['round']} {h['done_at'] - h['started_at']:.3f} s")

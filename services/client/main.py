@@ -111,7 +111,7 @@ class ClientService:
             allow_custom_code=self.s.allow_custom_code,
             busy_job=cur.task.job_id if cur else "", busy_round=cur.task.round if cur else -1,
         )
-        self.bus.publish(self.bus.names.events, RK_HEARTBEAT, hb, headers={"site": self.site}, persistent=False)
+        self.bus.publish(self.bus.names.events, RK_HEARTBEAT, hb, headers={"site": self.site}, advisory=True)
         self._hello = False
 
     def on_message(self, d: Delivery) -> None:
@@ -170,6 +170,7 @@ class ClientService:
                 with self.state.lock:
                     self.state.current = None
             self.outbox.put(result)
+            del w, result  # the next task may be a whole model: do not keep this one's alive meanwhile
             try:
                 self.bus.call_threadsafe(self.flush_results)
             except SagmqError:

@@ -176,6 +176,11 @@ class ServerService:
                 self._close_round(run, reason)
         elif run.phase == "waiting":
             self._open_round(run)
+        elif run.phase == "aggregating" and now - run.phase_since > 5.0:
+            log.warning("no aggregate of round %s of job %s yet: sending round.close again",
+                        run.job.current_round, run.job.job_id)
+            run.phase_since = now
+            self._send_round_control(run, close_only=True)
 
     def _eligible(self, spec: JobSpec, now: float) -> list[str]:
         return sorted(s for s in self.alive(now) if spec.site_allowed(s))
@@ -305,14 +310,15 @@ class ServerService:
         log.info("round %d of job %s closing: %s", r, run.job.job_id, reason)
 
     def _send_round_control(self, run: Run, close_only: bool = False) -> None:
-        """round.open / round.close to the aggregator. Transient, so they cost no disk write on the
-        critical path; they survive an aggregator crash in its queue, and after a broker restart
-        (which drops them) the server sends them again on reconnecting."""
+        """round.open / round.close to the aggregator, advisory: they wait for neither disk nor
+        confirm. They survive an aggregator crash in its queue; the aggregator holds results that
+        overtake their round.open; after a broker restart (which drops them) the server sends them
+        again, and a round.close with no aggregate after a while is sent again too."""
         h = {"job_id": run.job.job_id, "round": run.job.current_round}
         if run.round_open is not None and not close_only:
-            self.bus.publish(self.names.events, RK_ROUND_OPEN, run.round_open, headers=h, persistent=False)
+            self.bus.publish(self.names.events, RK_ROUND_OPEN, run.round_open, headers=h, advisory=True)
         if run.round_close is not None:
-            self.bus.publish(self.names.events, RK_ROUND_CLOSE, run.round_close, headers=h, persistent=False)
+            self.bus.publish(self.names.events, RK_ROUND_CLOSE, run.round_close, headers=h, advisory=True)
 
     def on_reconnect(self) -> None:
         """The broker may have restarted: sites get a fresh grace period (the server could not hear

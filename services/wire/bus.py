@@ -125,6 +125,7 @@ class Bus:
         self._assemblies: dict[tuple[str, str], tuple[Assembly, list[Delivery]]] = {}
         self._refused_blobs: dict[str, float] = {}
         self._reset_pending = ""
+        self._fast: BlockingChannel | None = None  # unconfirmed channel for advisory events
         self._poison: dict[str, str] = {}  # message ids whose handling the broker refused
 
     # --- connection -----------------------------------------------------------------
@@ -146,6 +147,7 @@ class Bus:
         self._conn = pika.BlockingConnection(self._params())
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
+        self._fast = None
         for topo in self._state.topologies:
             self._declare(topo)
         for c in self._state.consumers:
@@ -275,10 +277,13 @@ class Bus:
         expiration_s: float | None = None,
         mandatory: bool = True,
         persistent: bool = True,
+        advisory: bool = False,
     ) -> None:
         """Publish one message, confirmed and (unless told otherwise) persistent; as a blob of parts
-        when its arrays are large. Transient suits advisory events that are re-sent or re-derived
-        after a broker restart (heartbeats, verdicts): the broker confirms them without a disk write."""
+        when its arrays are large. Transient suits events that are re-sent or re-derived after a broker
+        restart: the broker confirms them without a disk write. An advisory message (heartbeats,
+        verdicts, round.open/close) goes transient and unconfirmed on a channel of its own, so it
+        never waits: its receiver copes with loss and with it overtaking confirmed messages."""
         wire = msg.to_wire()
         h = dict(headers or {})
         if cc:
@@ -294,8 +299,25 @@ class Bus:
             raise SagmqError(
                 f"{msg.TYPE} message of {len(body)} bytes exceeds SAGMQ_MAX_BODY_BYTES={self.settings.max_body_bytes}"
             )
+        if advisory:
+            self._publish_advisory(exchange, routing_key, body, self.properties(msg.TYPE, h, persistent=False))
+            return
         props = self.properties(msg.TYPE, h, reply_to, correlation_id, expiration_s, persistent)
         self.publish_raw(exchange, routing_key, body, props, mandatory)
+
+    def _publish_advisory(self, exchange: str, routing_key: str, body: bytes, props: pika.BasicProperties) -> None:
+        for attempt in (1, 2):
+            try:
+                if self._fast is None or not self._fast.is_open:
+                    if self._conn is None:
+                        raise px.AMQPConnectionError("not connected")
+                    self._fast = self._conn.channel()
+                self._fast.basic_publish(exchange, routing_key, body, props)
+                return
+            except _CONNECTION_ERRORS as e:
+                if attempt == 2:
+                    raise
+                self._reconnect(e)
 
     def publish_raw(
         self, exchange: str, routing_key: str, body: bytes, props: pika.BasicProperties, mandatory: bool = True
@@ -445,6 +467,12 @@ class Bus:
         for blob, t in list(self._refused_blobs.items()):
             if now - t > 10 * self.settings.chunk_timeout_s:
                 del self._refused_blobs[blob]
+
+    def requeue(self, d: Delivery) -> None:
+        """Give a delivery back to its queue, to come again (for something that is not ready yet)."""
+        d.deferred = True
+        if d.generation == self._generation and self._ch is not None:
+            self._ch.basic_nack(d.tag, requeue=True)
 
     def ack_many(self, deliveries: list[Delivery]) -> None:
         """Ack deliveries that were held (deferred) until their effect was durable."""

@@ -118,3 +118,43 @@ def test_hostile_results_are_dead_lettered_and_the_average_is_exact(aggregator: 
         assert want in got, (want, got)
     assert aggregator.bus.dead_lettered == len(expected)
     bus.close()
+
+
+def test_oversize_and_spoofed_results_are_refused(settings: Settings) -> None:
+    # The aggregator runs as user "aggregator" (provisioned style) with a 64 KiB body limit; its
+    # connection is the test broker's guest, so every result arrives with user_id "guest".
+    from dataclasses import replace
+
+    bus = Bus(settings, "aggregator", connect_timeout_s=5).connect()
+    bus.declare(service_topology(settings.prefix))
+    own = replace(settings, amqp_url=settings.amqp_url.replace("guest:guest@", "aggregator:x@"),
+                  max_body_bytes=65536)
+    svc = AggregatorService(own, bus, grace_s=0.5)
+    svc.start()
+    t = threading.Thread(target=bus.run, args=(svc.stop, svc.tick, 0.05), daemon=True)
+    t.start()
+    test = Bus(settings, "test", connect_timeout_s=5).connect()
+    n = test.names
+    test.publish(n.events, RK_ROUND_OPEN, RoundOpen("job2", 0, "t0", ["site-1"], "WEIGHTS", {},
+                                                     {"w": "<f4"}, {"w": [3, 3]}))
+    big = TaskResult("job2", 0, "train", "t0", "site-1", "OK",
+                     DXO("WEIGHTS", {"w": np.ones((3, 3), np.float32)}, {"pad": "x" * 100_000}))
+    ok = TaskResult("job2", 0, "train", "t0", "site-1", "OK", DXO("WEIGHTS", {"w": np.ones((3, 3), np.float32)}, {}))
+    props = pika.BasicProperties(type="result", delivery_mode=2, user_id="guest", headers={"site": "site-1"})
+    test.channel.basic_publish(n.results, RK_RESULT, big.encode(), props, mandatory=True)
+    test.channel.basic_publish(n.results, RK_RESULT, ok.encode(), props, mandatory=True)
+    reasons: list[str] = []
+    deadline = time.monotonic() + 10
+    while len(reasons) < 2 and time.monotonic() < deadline:
+        method, p, _ = test.channel.basic_get(n.dead_queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.05)
+            continue
+        reasons.append(p.headers["x-sagmq-reason"])
+    svc.stop.set()
+    t.join(5)
+    assert "exceeds the limit of 65536" in reasons[0], reasons
+    assert "spoofed sender: user 'guest' sent a result for site 'site-1'" in reasons[1], reasons
+    assert svc.open["job2"].acc.accepted == []
+    test.close()
+    bus.close()
