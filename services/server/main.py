@@ -416,6 +416,8 @@ class ServerService:
         if run.phase == "training":  # the aggregator closed it: every target had answered
             run.record["close_reason"] = f"all {len(run.record['targets'])} targets answered"
         run.record["aggregated"] = list(m.accepted)
+        # verdicts are advisory and may trail the aggregate: the aggregate's list is the truth
+        run.record["accepted"] += [x for x in m.accepted if x not in run.record["accepted"]]
         run.record["closed_at"] = time.time()
         run.record["seconds"] = round(run.record["closed_at"] - run.record["started_at"], 4)
         if len(m.accepted) < sag.min_clients:

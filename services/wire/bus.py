@@ -195,12 +195,18 @@ class Bus:
             fn()
 
     def _drop(self) -> None:
-        conn, self._conn, self._ch = self._conn, None, None
-        if conn is not None and conn.is_open:
-            try:
+        conn, self._conn, self._ch, self._fast = self._conn, None, None, None
+        if conn is None:
+            return
+        try:
+            if conn.is_open:
                 conn.close()
-            except Exception:  # closing a broken connection may fail in many ways
-                pass
+        except Exception:  # closing a broken connection may fail in many ways
+            pass
+        try:  # a connection that died leaves its I/O loop's sockets open
+            conn._impl.ioloop.close()
+        except Exception:
+            pass
 
     def reset(self, why: str) -> None:
         """Drop the connection on purpose, once the current callback returns: every unacked

@@ -84,7 +84,8 @@ def test_hostile_results_are_dead_lettered_and_the_average_is_exact(aggregator: 
     agg: RoundAggregated | None = None
     verdicts: list[Contribution] = []
     deadline = time.monotonic() + 10
-    while agg is None and time.monotonic() < deadline:
+    # verdicts are advisory (a channel of their own): they may come after the aggregate
+    while (agg is None or sum(v.accepted for v in verdicts) < 2) and time.monotonic() < deadline:
         method, props, body = bus.channel.basic_get(n.server_queue, auto_ack=True)
         if method is None:
             time.sleep(0.05)
@@ -98,7 +99,7 @@ def test_hostile_results_are_dead_lettered_and_the_average_is_exact(aggregator: 
     np.testing.assert_array_equal(agg.dxo.data["w"], np.full(SHAPE, 5.0, np.float32))
     assert agg.dxo.data["w"].dtype == np.float32
     assert sorted(agg.accepted) == ["site-1", "site-2"]
-    assert [v.site for v in verdicts if v.accepted] == ["site-1", "site-2"]
+    assert sorted(v.site for v in verdicts if v.accepted) == ["site-1", "site-2"]
 
     expected = ["not valid msgpack", "is missing", "not valid msgpack",
                 "dtype '|O' is not allowed", "data bytes for shape", "has shape (4,)", "NaN or Inf", "NaN or Inf",
