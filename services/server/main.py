@@ -338,12 +338,14 @@ class ServerService:
         if job.history and job.history[-1]["round"] == job.current_round:
             job.history[-1]["done_at"] = time.time()  # aggregated, applied and (if due) saved
         job.current_round += 1
-        self._save_state()
         if job.current_round >= run.spec.sag.start_round + run.spec.sag.num_rounds:
             run.phase = "done"
-            self._end(job, FINISHED)
+            self._end(job, FINISHED)  # (saves the state)
         else:
             self._open_round(run)
+            # after the task is out: the fsync is off the round's critical path, and a restart
+            # resumes from the persistor's last saved round whatever jobs.json says
+            self._save_state()
 
     # --- events -----------------------------------------------------------------------
 
