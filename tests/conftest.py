@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +133,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+
+
+@contextmanager
+def aggregator_thread(bus_settings: Settings, grace_s: float, tick_s: float = 0.1,
+                      service_settings: Settings | None = None) -> Iterator[Any]:
+    """An AggregatorService on its own bus, served by a thread, stopped afterwards."""
+    from services.aggregator.main import AggregatorService
+
+    bus = Bus(bus_settings, "aggregator", connect_timeout_s=5).connect()
+    bus.declare(service_topology(bus_settings.prefix))
+    svc = AggregatorService(service_settings or bus_settings, bus, grace_s=grace_s)
+    svc.start()
+    t = threading.Thread(target=bus.run, args=(svc.stop, svc.tick, tick_s), daemon=True)
+    t.start()
+    try:
+        yield svc
+    finally:
+        svc.stop.set()
+        t.join(5)
+        bus.close()

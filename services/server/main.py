@@ -114,6 +114,7 @@ class ServerService:
         self.stop = threading.Event()
         self.dir = settings.workspace / "server"
         self.jobs: dict[str, Job] = {}
+        self._specs: dict[str, JobSpec] = {}
         self.sites: dict[str, Site] = {}
         self.run_: Run | None = None
         self._waiting_logged = 0.0
@@ -141,8 +142,11 @@ class ServerService:
         atomic_write(self._jobs_file(), json.dumps(data, indent=1).encode())
 
     def _spec(self, job_id: str) -> JobSpec:
-        files = unpack(self._job_files(job_id).read_bytes(), 2**31)
-        return parse_job(files)
+        """A job's parsed spec, read from disk once (a queued job is looked at every tick)."""
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = self._specs[job_id] = parse_job(unpack(self._job_files(job_id).read_bytes(), 2**31))
+        return spec
 
     # --- loop -------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pickle
-import threading
 import time
+from collections.abc import Iterator
 
 import msgpack
 import numpy as np
@@ -16,24 +16,17 @@ from services.wire.bus import Bus
 from services.wire.codec import DXO
 from services.wire.messages import Contribution, RoundAggregated, RoundClose, RoundOpen, TaskResult, decode
 from services.wire.settings import Settings
-from services.wire.topology import RK_RESULT, RK_ROUND_CLOSE, RK_ROUND_OPEN, service_topology
+from services.wire.topology import RK_RESULT, RK_ROUND_CLOSE, RK_ROUND_OPEN
+from tests.conftest import aggregator_thread
 
 pytestmark = pytest.mark.broker
 SHAPE = (3, 3)
 
 
 @pytest.fixture
-def aggregator(settings: Settings):
-    bus = Bus(settings, "aggregator", connect_timeout_s=5).connect()
-    bus.declare(service_topology(settings.prefix))
-    svc = AggregatorService(settings, bus, grace_s=0.5)
-    svc.start()
-    t = threading.Thread(target=bus.run, args=(svc.stop, svc.tick, 0.1), daemon=True)
-    t.start()
-    yield svc
-    svc.stop.set()
-    t.join(5)
-    bus.close()
+def aggregator(settings: Settings) -> Iterator[AggregatorService]:
+    with aggregator_thread(settings, grace_s=0.5) as svc:
+        yield svc
 
 
 def test_hostile_results_are_dead_lettered_and_the_average_is_exact(aggregator: AggregatorService,
@@ -126,14 +119,13 @@ def test_oversize_and_spoofed_results_are_refused(settings: Settings) -> None:
     # connection is the test broker's guest, so every result arrives with user_id "guest".
     from dataclasses import replace
 
-    bus = Bus(settings, "aggregator", connect_timeout_s=5).connect()
-    bus.declare(service_topology(settings.prefix))
     own = replace(settings, amqp_url=settings.amqp_url.replace("guest:guest@", "aggregator:x@"),
                   max_body_bytes=65536)
-    svc = AggregatorService(own, bus, grace_s=0.5)
-    svc.start()
-    t = threading.Thread(target=bus.run, args=(svc.stop, svc.tick, 0.05), daemon=True)
-    t.start()
+    with aggregator_thread(settings, grace_s=0.5, tick_s=0.05, service_settings=own) as svc:
+        _spoof_and_oversize(settings, svc)
+
+
+def _spoof_and_oversize(settings: Settings, svc: AggregatorService) -> None:
     test = Bus(settings, "test", connect_timeout_s=5).connect()
     n = test.names
     test.publish(n.events, RK_ROUND_OPEN, RoundOpen("job2", 0, "t0", ["site-1"], "WEIGHTS", {},
@@ -152,10 +144,7 @@ def test_oversize_and_spoofed_results_are_refused(settings: Settings) -> None:
             time.sleep(0.05)
             continue
         reasons.append(p.headers["x-sagmq-reason"])
-    svc.stop.set()
-    t.join(5)
     assert "exceeds the limit of 65536" in reasons[0], reasons
     assert "spoofed sender: user 'guest' sent a result for site 'site-1'" in reasons[1], reasons
     assert svc.open["job2"].acc.accepted == []
     test.close()
-    bus.close()

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import random
-import threading
 import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from services.aggregator.main import AggregatorService
 from services.wire.blob import split
 from services.wire.bus import Bus, Delivery
 from services.wire.codec import DXO
 from services.wire.messages import RoundAggregated, RoundClose, RoundOpen, TaskResult
 from services.wire.settings import Settings
 from services.wire.topology import RK_RESULT, RK_ROUND_CLOSE, RK_ROUND_OPEN, service_topology, site_topology
+from tests.conftest import aggregator_thread
 
 pytestmark = pytest.mark.broker
 CHUNK = 4096
@@ -123,12 +122,11 @@ def test_missing_or_corrupt_part_is_dead_lettered_and_nothing_hangs(small: Setti
 
 
 def test_aggregator_streams_parts_and_rebuilds_without_a_bad_result(small: Settings) -> None:
-    agg_bus = Bus(small, "aggregator", connect_timeout_s=5).connect()
-    agg_bus.declare(service_topology(small.prefix))
-    svc = AggregatorService(small, agg_bus, grace_s=2)
-    svc.start()
-    t = threading.Thread(target=agg_bus.run, args=(svc.stop, svc.tick, 0.05), daemon=True)
-    t.start()
+    with aggregator_thread(small, grace_s=2, tick_s=0.05):
+        _stream_and_rebuild(small)
+
+
+def _stream_and_rebuild(small: Settings) -> None:
     bus = _bus(small, "test")
     base = mixed()
     ev = bus.names.events
@@ -157,8 +155,6 @@ def test_aggregator_streams_parts_and_rebuilds_without_a_bad_result(small: Setti
             continue
         if props.type == "round.aggregated":
             agg = _assemble_one(bus, props, body)
-    svc.stop.set()
-    t.join(5)
     assert agg is not None and agg.dxo is not None
     assert sorted(agg.accepted) == ["site-1", "site-2"]
     for k, v in base.items():  # weights 1 and 3: (1·(v+1) + 3·(v+5)) / 4
@@ -173,7 +169,6 @@ def test_aggregator_streams_parts_and_rebuilds_without_a_bad_result(small: Setti
         reasons.append(props.headers["x-sagmq-reason"])
     assert any("NaN or Inf" in r for r in reasons), reasons
     bus.close()
-    agg_bus.close()
 
 
 def _assemble_one(bus: Bus, props: object, body: bytes) -> RoundAggregated | None:
