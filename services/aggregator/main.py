@@ -21,7 +21,7 @@ from services.aggregator.accumulator import Accumulator, VarSpec
 from services.wire.blob import check_data_part, is_part, part_info, refs
 from services.wire.bus import Bus, Delivery
 from services.wire.codec import check_plain, unpack
-from services.wire.errors import DecodeError, Rejected
+from services.wire.errors import DecodeError, Rejected, SagmqError
 from services.wire.jobspec import AggregatorConfig
 from services.wire.lifecycle import serve
 from services.wire.messages import (
@@ -226,9 +226,17 @@ class AggregatorService:
         agg = RoundAggregated(m.job_id, m.round, list(cur.acc.accepted), dxo)
         log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.acc.accepted), m.round,
                  m.job_id, m.reason)
-        self.bus.publish(self.bus.names.events, RK_ROUND_AGGREGATED, agg,
-                         headers={"job_id": m.job_id, "round": m.round})
-        self.bus.ack_many(cur.held)  # the aggregate is confirmed: the inputs may go
+        held = cur.held
+
+        def sent(err: SagmqError | None) -> None:
+            if err is None:
+                self.bus.ack_many(held)  # the aggregate is confirmed: the inputs may go
+            else:  # the inputs come back and the round is aggregated again
+                self.bus.reset(f"the aggregate of round {m.round} of job {m.job_id} was not accepted: {err}")
+
+        # not waiting: the loop keeps serving while a large aggregate leaves; inputs are acked once it is confirmed
+        self.bus.send(self.bus.names.events, RK_ROUND_AGGREGATED, agg,
+                      headers={"job_id": m.job_id, "round": m.round}, on_done=sent)
         del self.open[m.job_id]
         self.closed[m.job_id] = m.round
 
@@ -408,11 +416,11 @@ class AggregatorService:
         d.deferred = True
         d.body = b""  # added to the sums: hold only the delivery tag, not the result
         cur.held.append(d)
-        self._verdict(r, True, "")
         log.info("contribution from %s ACCEPTED at round %d of job %s", r.site, r.round, r.job_id)
-        self._answered(cur, r)
+        self._answered(cur, r)  # the last answer sends the aggregate first: the verdict may trail it
         if cur.closing is not None and cur.job_id in self.open:
             self._try_close(cur, time.monotonic())
+        self._verdict(r, True, "")
 
     def _reject(self, d: Delivery, r: TaskResult, reason: str) -> None:
         self._verdict(r, False, reason)

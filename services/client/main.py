@@ -203,8 +203,15 @@ class ClientService:
 
     def _publish_result(self, r: TaskResult) -> None:
         headers = {"job_id": r.job_id, "round": r.round, "site": self.site}
-        self.bus.publish(self.bus.names.results, RK_RESULT, r, headers=headers)
-        log.info("result of round %d of job %s sent (rc %s)", r.round, r.job_id, r.rc)
+
+        def sent(err: SagmqError | None) -> None:
+            if err is None:
+                log.info("result of round %d of job %s sent (rc %s)", r.round, r.job_id, r.rc)
+            else:
+                log.error("result of round %d of job %s not delivered: %s", r.round, r.job_id, err)
+
+        # not waiting for the broker (a lost connection sends it again); the loop keeps heartbeating
+        self.bus.send(self.bus.names.results, RK_RESULT, r, headers=headers, on_done=sent)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,7 @@ class PersistorService:
         """Save durably, then confirm with model.saved."""
         path = self.store.save(m.job_id, m.round, dict(m.dxo.data), m.model_dir, m.model_name)
         if m.history:
-            self.store.write_json(m.job_id, "history.json", m.history)
+            self.store.merge_history(m.job_id, m.history)
         log.info("saved model of job %s round %d to %s", m.job_id, m.round, path)
         self.bus.publish(self.bus.names.events, RK_MODEL_SAVED,
                          ModelSaved(m.job_id, m.round, str(path)), headers={"job_id": m.job_id, "round": m.round})

@@ -95,6 +95,20 @@ class ModelStore:
         """meta.json or history.json of a job."""
         atomic_write(self.job_dir(job_id) / name, json.dumps(obj, indent=2, default=str).encode())
 
+    def merge_history(self, job_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Merge round records into history.json (a record replaces the one of the same round)."""
+        path = self.job_dir(job_id) / "history.json"
+        try:
+            old = json.loads(path.read_text()) if path.exists() else []
+        except (OSError, ValueError):
+            old = []  # a damaged file is rewritten from what comes next (the job's end sends it whole)
+        by_round = {h.get("round"): h for h in old if isinstance(h, dict)}
+        for h in records:
+            by_round[h.get("round")] = h
+        merged = sorted(by_round.values(), key=lambda h: (h.get("round") is None, h.get("round") or 0))
+        self.write_json(job_id, "history.json", merged)
+        return merged
+
     def files(self, job_id: str) -> dict[str, bytes]:
         """Every file of a job, for download."""
         root = self.job_dir(job_id)

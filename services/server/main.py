@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ class Run:
     phase_since: float = 0.0
     round_open: RoundOpen | None = None
     round_close: RoundClose | None = None
+    history_sent: int = 0  # job.history[:history_sent] went to the persistor already
 
 
 class ServerService:
@@ -117,6 +119,7 @@ class ServerService:
         self._specs: dict[str, JobSpec] = {}
         self.sites: dict[str, Site] = {}
         self.run_: Run | None = None
+        self._state_saved_at = 0.0
         self._waiting_logged = 0.0
         bus.on_reconnect.append(self.on_reconnect)
         self._load_state()
@@ -137,9 +140,10 @@ class ServerService:
                 self.jobs[job.job_id] = job
             log.info("loaded %d job(s) from %s", len(self.jobs), p)
 
-    def _save_state(self) -> None:
+    def _save_state(self, sync: bool = True) -> None:
         data = [{f: getattr(j, f) for f in Job.__dataclass_fields__} for j in self.jobs.values()]
-        atomic_write(self._jobs_file(), json.dumps(data, indent=1).encode())
+        atomic_write(self._jobs_file(), json.dumps(data, separators=(",", ":")).encode(), sync=sync)
+        self._state_saved_at = time.monotonic()
 
     def _spec(self, job_id: str) -> JobSpec:
         """A job's parsed spec, read from disk once (a queued job is looked at every tick)."""
@@ -297,11 +301,18 @@ class ServerService:
             DXO(WEIGHTS, w, {"current_round": r, "num_rounds": sag.num_rounds}),
             spec.deploy_map, spec.client_apps(),
         )
-        self.bus.publish(self.names.tasks, targets[0], task, cc=targets[1:],
-                         headers={"job_id": job.job_id, "round": r},
-                         expiration_s=sag.train_timeout or None)
+        # not waiting for the broker: the loop keeps serving while a large task leaves
+        self.bus.send(self.names.tasks, targets[0], task, cc=targets[1:],
+                      headers={"job_id": job.job_id, "round": r},
+                      expiration_s=sag.train_timeout or None, on_done=self._task_sent(job.job_id, r, targets))
         log.info("Round %d of job %s started: task %s sent to %s", r, job.job_id, sag.train_task_name,
                  ", ".join(targets))
+
+    def _task_sent(self, job_id: str, r: int, targets: list[str]) -> Callable[[SagmqError | None], None]:
+        def done(err: SagmqError | None) -> None:
+            if err is not None:  # the round's machine fails or closes it as sites stay silent
+                log.error("task of round %d of job %s did not reach %s: %s", r, job_id, ", ".join(targets), err)
+        return done
 
     def _close_round(self, run: Run, reason: str) -> None:
         r = run.job.current_round
@@ -347,9 +358,11 @@ class ServerService:
             self._end(job, FINISHED)  # (saves the state)
         else:
             self._open_round(run)
-            # after the task is out: the fsync is off the round's critical path, and a restart
-            # resumes from the persistor's last saved round whatever jobs.json says
-            self._save_state()
+            # at most once a second and without fsync (a round can take a few ms): a restart resumes
+            # from the persistor's last saved round whatever jobs.json says; job starts and ends are
+            # written at once and durably
+            if time.monotonic() - self._state_saved_at >= 1.0:
+                self._save_state(sync=False)
 
     # --- events -----------------------------------------------------------------------
 
@@ -443,15 +456,22 @@ class ServerService:
         if p is None or not should_persist(sag, m.round):
             self._advance(run)
             return
-        save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name, job.history)
+        save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name,
+                         job.history[run.history_sent:])
+        run.history_sent = len(job.history)
         if m.round == sag.start_round + sag.num_rounds - 1:
             run.phase, run.phase_since = "saving", time.monotonic()  # the job ends once its model is on disk
-            self.bus.publish(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round})
+            def saved_or_not(err: SagmqError | None) -> None:
+                if err is not None and run.phase == "saving" and self.run_ is run:
+                    self._end(job, FAILED, f"round {m.round}: the final model could not be sent to the persistor: {err}")
+
+            self.bus.send(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round},
+                          on_done=saved_or_not)
             return
         # Other rounds do not wait for the disk: the next round starts first, the persistor saves in
         # order meanwhile, and a restarted server resumes from whatever round was saved last.
         self._advance(run)
-        self.bus.publish(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round})
+        self.bus.send(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round})
 
     def on_loaded(self, run: Run, m: ModelLoaded) -> None:
         if run.phase != "loading":

@@ -84,14 +84,14 @@ class Part:
     headers: dict[str, Any]
 
 
-def split(wire: dict[str, Any], chunk_bytes: int) -> Iterator[Part]:
+def split(wire: dict[str, Any], chunk_bytes: int, blob: str | None = None) -> Iterator[Part]:
     """The parts of a message map, made one at a time from the arrays' own memory."""
     chunk_bytes -= chunk_bytes % ALIGN
     views: list[memoryview] = []
     header = wire_with_refs(wire, views, [0])
     total = sum(len(v) for v in views)
     k = math.ceil(total / chunk_bytes) if total else 0
-    blob = uuid.uuid4().hex
+    blob = blob or uuid.uuid4().hex
     base = {H_BLOB: blob, H_PARTS: 1 + k, H_SIZE: total}
     yield Part(pack(header), {**base, H_PART: 0})
     for i, body in enumerate(_slices(views, chunk_bytes), start=1):

@@ -15,7 +15,8 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +34,9 @@ from tenacity import (
 )
 
 from services.wire.errors import BrokerRefused, BrokerUnavailable, DecodeError, Rejected, RpcTimeout, SagmqError
-from services.wire.blob import H_BLOB, Assembly, array_bytes, is_part, part_info, split
+from services.wire.blob import H_BLOB, H_PART, Assembly, is_part, part_info, split
 from services.wire.codec import pack
-from services.wire.messages import SCHEMA_VERSION, M, Message, decode, from_wire
+from services.wire.messages import SCHEMA_VERSION, M, Message, bulk_bytes, decode, from_wire
 from services.wire.settings import Settings
 from services.wire.topology import Names, Topology
 
@@ -45,6 +46,9 @@ CONTENT_TYPE = "application/msgpack"
 _AUTH_ERRORS = (px.ProbableAuthenticationError, px.ProbableAccessDeniedError, px.AuthenticationError)
 # Errors after which the connection is thrown away and rebuilt.
 _CONNECTION_ERRORS = (px.AMQPConnectionError, px.AMQPChannelError, px.StreamLostError, AssertionError)
+# send(): at most this many parts (of the chunk size) or messages unconfirmed at once
+SEND_WINDOW_PARTS = 2
+SEND_WINDOW_MESSAGES = 256
 
 
 @dataclass(slots=True)
@@ -91,6 +95,25 @@ class _Consumer:
     stream: bool = False  # hand blob parts to the handler one by one instead of assembling
 
 
+Done = Callable[[SagmqError | None], None]
+
+
+@dataclass(slots=True)
+class _Send:
+    """One message handed to send(): its parts are made lazily and published as the window allows."""
+
+    exchange: str
+    routing_key: str
+    make_parts: Callable[[], Iterator[tuple[bytes, pika.BasicProperties]]]
+    mandatory: bool
+    on_done: Done | None
+    what: str
+    parts: Iterator[tuple[bytes, pika.BasicProperties]] | None = None
+    all_sent: bool = False
+    unconfirmed: int = 0
+    error: SagmqError | None = None
+
+
 @dataclass(slots=True)
 class _State:
     topologies: list[Topology] = field(default_factory=list)
@@ -127,6 +150,15 @@ class Bus:
         self._reset_pending = ""
         self._fast: BlockingChannel | None = None  # unconfirmed channel for advisory events
         self._poison: dict[str, str] = {}  # message ids whose handling the broker refused
+        # send(): confirmed publishes that do not wait, on a channel of their own
+        self._sends: deque[_Send] = deque()  # in order; the head ones are in flight
+        self._send_ch: BlockingChannel | None = None
+        self._send_seq = 0
+        self._inflight: dict[int, tuple[_Send, int]] = {}  # delivery tag -> (send, body bytes)
+        self._inflight_bytes = 0
+        self._by_message_id: dict[str, _Send] = {}
+        self._settle_due = False
+        self._lost: BaseException | None = None
 
     # --- connection -----------------------------------------------------------------
 
@@ -148,6 +180,7 @@ class Bus:
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
         self._fast = None
+        self._restart_sends()
         for topo in self._state.topologies:
             self._declare(topo)
         for c in self._state.consumers:
@@ -196,6 +229,7 @@ class Bus:
 
     def _drop(self) -> None:
         conn, self._conn, self._ch, self._fast = self._conn, None, None, None
+        self._send_ch = None
         if conn is None:
             return
         try:
@@ -213,8 +247,15 @@ class Bus:
         delivery is redelivered and the service rebuilds its state from them."""
         self._reset_pending = why
 
-    def close(self) -> None:
-        """Close the connection (pending unacked deliveries are requeued by the broker)."""
+    def close(self, flush_s: float = 10.0) -> None:
+        """Close the connection (pending unacked deliveries are requeued by the broker), after up to
+        flush_s seconds for unconfirmed sends to be confirmed."""
+        if self._sends and self._conn is not None:
+            try:
+                if not self.flush_sends(flush_s):
+                    log.warning("closing with %d send(s) unconfirmed", len(self._sends))
+            except Exception as e:  # closing anyway
+                log.warning("closing: sends not flushed (%s)", e)
         self._drop()
 
     @property
@@ -252,6 +293,7 @@ class Bus:
         correlation_id: str | None = None,
         expiration_s: float | None = None,
         persistent: bool = True,
+        message_id: str | None = None,
     ) -> pika.BasicProperties:
         """AMQP properties every sagmq message carries."""
         h = {"schema": SCHEMA_VERSION, "service": self.service}
@@ -260,7 +302,7 @@ class Bus:
         return pika.BasicProperties(
             content_type=CONTENT_TYPE,
             delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,
-            message_id=uuid.uuid4().hex,
+            message_id=message_id or uuid.uuid4().hex,
             type=msg_type,
             timestamp=int(time.time()),
             user_id=self.settings.amqp_user,
@@ -294,7 +336,7 @@ class Bus:
         h = dict(headers or {})
         if cc:
             h["CC"] = list(cc)
-        if array_bytes(wire) > self.settings.chunk_bytes:
+        if bulk_bytes(msg, wire) > self.settings.chunk_bytes:
             for part in split(wire, self.settings.chunk_bytes):
                 props = self.properties(msg.TYPE, {**h, **part.headers}, reply_to, correlation_id, expiration_s,
                                         persistent)
@@ -350,6 +392,190 @@ class Bus:
                 if attempt == 2:
                     raise
                 self._reconnect(e)
+
+    # --- sends: confirmed publishes that do not wait -----------------------------------
+
+    def send(
+        self,
+        exchange: str,
+        routing_key: str,
+        msg: Message,
+        headers: dict[str, Any] | None = None,
+        cc: list[str] | None = None,
+        expiration_s: float | None = None,
+        on_done: Done | None = None,
+    ) -> None:
+        """Publish like publish() (persistent, confirmed, mandatory; large arrays as parts) without
+        waiting for the broker. Parts go out while fewer than SEND_WINDOW_PARTS are unconfirmed, so
+        the service's loop keeps serving (admin requests, heartbeats) while a large model leaves,
+        and the broker stores one part while the next is on the wire. on_done(None), or
+        on_done(error) if the broker refused or could not route it, runs on this bus's thread once
+        every part is confirmed. After a lost connection, whatever was not confirmed is sent again
+        from its first part (receivers drop duplicate parts and duplicate messages)."""
+        wire = msg.to_wire()
+        h = dict(headers or {})
+        if cc:
+            h["CC"] = list(cc)
+        chunk = self.settings.chunk_bytes
+        what = f"{msg.TYPE} to {exchange!r} ({routing_key!r})"
+        make: Callable[[], Iterator[tuple[bytes, pika.BasicProperties]]]
+        if bulk_bytes(msg, wire) > chunk:
+            blob = uuid.uuid4().hex
+
+            def make() -> Iterator[tuple[bytes, pika.BasicProperties]]:
+                for part in split(wire, chunk, blob):
+                    yield part.body, self.properties(msg.TYPE, {**h, **part.headers}, expiration_s=expiration_s,
+                                                     message_id=f"{blob}-{part.headers[H_PART]}")
+        else:
+            body = pack(wire)
+            if len(body) > self.settings.max_body_bytes:
+                raise SagmqError(f"{msg.TYPE} message of {len(body)} bytes exceeds "
+                                 f"SAGMQ_MAX_BODY_BYTES={self.settings.max_body_bytes}")
+            props = self.properties(msg.TYPE, h, expiration_s=expiration_s)
+
+            def make() -> Iterator[tuple[bytes, pika.BasicProperties]]:
+                yield body, props
+
+        self._sends.append(_Send(exchange, routing_key, make, True, on_done, what))
+        self._pump_safe()
+
+    @property
+    def sending(self) -> int:
+        """Sends not yet confirmed (or failed)."""
+        return len(self._sends)
+
+    def flush_sends(self, timeout_s: float) -> bool:
+        """Serve I/O until every send is settled or timeout_s passes; True if none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self._sends and time.monotonic() < deadline and self._conn is not None:
+            self.process(min(0.05, max(0.0, deadline - time.monotonic())))
+        return not self._sends
+
+    def _pump_safe(self) -> None:
+        try:
+            self._pump()
+        except _CONNECTION_ERRORS as e:  # the loop reconnects (and sends again) at its next process()
+            self._lost = e
+
+    def _pump(self) -> None:
+        """Publish the next parts of pending sends, in order, while the window has room."""
+        if self._conn is None:
+            return
+        window = SEND_WINDOW_PARTS * max(self.settings.chunk_bytes, 1)
+        for snd in self._sends:
+            if snd.all_sent or snd.error is not None:
+                continue
+            if snd.parts is None:
+                snd.parts = snd.make_parts()
+            while self._inflight_bytes < window and len(self._inflight) < SEND_WINDOW_MESSAGES:
+                nxt = next(snd.parts, None)
+                if nxt is None:
+                    snd.all_sent = True
+                    if snd.unconfirmed == 0:
+                        self._schedule_settle()
+                    break
+                body, props = nxt
+                ch = self._sending_channel()
+                ch._impl.basic_publish(snd.exchange, snd.routing_key, body, props, mandatory=snd.mandatory)
+                self._send_seq += 1
+                mid = props.message_id or ""
+                self._inflight[self._send_seq] = (snd, len(body), mid)
+                self._inflight_bytes += len(body)
+                snd.unconfirmed += 1
+                self._by_message_id[mid] = snd
+                del body, nxt
+                self._conn._flush_output()  # write it out now (input keeps being read meanwhile)
+            if not snd.all_sent:
+                return  # the window is full: later sends wait their turn, keeping the order
+
+    def _sending_channel(self) -> BlockingChannel:
+        if self._send_ch is not None and self._send_ch.is_open:
+            return self._send_ch
+        assert self._conn is not None
+        ch = self._conn.channel()
+        ok: list[bool] = []
+        ch._impl.add_on_return_callback(self._on_send_return)
+        ch._impl.add_on_close_callback(self._on_send_channel_closed)
+        ch._impl.confirm_delivery(ack_nack_callback=self._on_send_confirm, callback=lambda _f: ok.append(True))
+        self._conn._flush_output(lambda: bool(ok))
+        self._send_ch, self._send_seq = ch, 0
+        return ch
+
+    def _on_send_confirm(self, frame: Any) -> None:
+        """(pika's I/O loop) an ack or nack for one send part, or for all up to a tag."""
+        m = frame.method
+        nack = isinstance(m, pika.spec.Basic.Nack)
+        tags = [t for t in self._inflight if t <= m.delivery_tag] if m.multiple else [m.delivery_tag]
+        for t in tags:
+            item = self._inflight.pop(t, None)
+            if item is None:
+                continue
+            snd, n, mid = item
+            self._inflight_bytes -= n
+            snd.unconfirmed -= 1
+            if self._by_message_id.get(mid) is snd:
+                del self._by_message_id[mid]
+            if nack and snd.error is None:
+                snd.error = SagmqError(f"the broker refused {snd.what} (nack)")
+        self._schedule_settle()
+
+    def _on_send_return(self, _ch: Any, method: Any, props: pika.BasicProperties, _body: bytes) -> None:
+        """(pika's I/O loop) a mandatory send part no queue took; its ack follows."""
+        snd = self._by_message_id.get(props.message_id or "")
+        if snd is not None and snd.error is None:
+            snd.error = SagmqError(f"{snd.what} was unroutable ({method.reply_code} {method.reply_text})")
+
+    def _on_send_channel_closed(self, ch: Any, reason: BaseException) -> None:
+        """(pika's I/O loop) the broker closed the sending channel (e.g. access refused, no such
+        exchange): the sends in flight on it failed. A lost connection is not this: those are sent again."""
+        if not isinstance(reason, px.ChannelClosedByBroker):
+            return
+        err = BrokerRefused(f"the broker closed the publishing channel: {reason.reply_code} {reason.reply_text}")
+        for snd, _, _ in self._inflight.values():
+            snd.unconfirmed -= 1
+            if snd.error is None:
+                snd.error = err
+        self._inflight.clear()
+        self._inflight_bytes = 0
+        self._by_message_id.clear()
+        self._send_ch = None
+        self._schedule_settle()
+
+    def _schedule_settle(self) -> None:
+        if not self._settle_due and self._conn is not None:
+            self._settle_due = True
+            self._conn.add_callback_threadsafe(self._settle)  # runs outside the I/O loop, like a delivery
+
+    def _settle(self) -> None:
+        """Finish the sends that are confirmed or failed, then send more."""
+        self._settle_due = False
+        done = [x for x in self._sends if x.unconfirmed == 0 and (x.all_sent or x.error is not None)]
+        for snd in done:
+            self._sends.remove(snd)
+            if snd.error is not None:
+                log.error("%s", snd.error)
+            if snd.on_done is not None:
+                try:
+                    snd.on_done(snd.error)
+                except _CONNECTION_ERRORS:
+                    raise
+                except Exception:
+                    log.exception("completing %s failed", snd.what)
+        self._pump_safe()
+
+    def _restart_sends(self) -> None:
+        """On a new connection: whatever was not confirmed is sent again, from its first part."""
+        self._send_ch, self._send_seq, self._settle_due = None, 0, False
+        self._inflight.clear()
+        self._inflight_bytes = 0
+        self._by_message_id.clear()
+        for snd in self._sends:
+            if snd.error is None and not (snd.all_sent and snd.unconfirmed == 0):
+                snd.parts, snd.all_sent = None, False
+            snd.unconfirmed = 0
+        if self._sends:
+            log.info("sending %d unconfirmed message(s) again", len(self._sends))
+            self._schedule_settle()
 
     def reply(self, request: Delivery, msg: Message) -> None:
         """Answer an RPC request on its reply_to queue with its correlation_id."""
@@ -542,6 +768,10 @@ class Bus:
         try:
             if self._conn is None:
                 raise px.AMQPConnectionError("not connected")
+            if self._lost is not None:
+                lost, self._lost = self._lost, None
+                raise lost
+            self._pump()
             self._conn.process_data_events(time_limit=time_limit)
             if self._ch is None or not self._ch.is_open:
                 # the broker closed our channel (e.g. a delivery held past consumer_timeout):

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, then fsync the folder."""
-    atomic_write_with(path, lambda f: f.write(data))
+def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write, fsync, rename, then fsync the folder (without sync: atomic against a crash of the
+    process, not of the machine)."""
+    atomic_write_with(path, lambda f: f.write(data), sync=sync)
 
 
-def atomic_write_with(path: Path, write: Callable[[BinaryIO], object], also: Path | None = None) -> None:
+def atomic_write_with(
+    path: Path, write: Callable[[BinaryIO], object], also: Path | None = None, sync: bool = True
+) -> None:
     """Let write() fill a temp file, fsync it, hard-link it as `also` (if given), rename it to path.
 
     A reader sees either the old file or the whole new one, never a part.
@@ -25,7 +28,8 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object], also: Pat
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         if also is not None:
             if also.exists():
                 also.unlink()
@@ -35,6 +39,8 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object], also: Pat
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if not sync:
+        return
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -8,12 +8,14 @@ against the class's type hints and raises DecodeError naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from services.wire.blob import array_bytes
 from services.wire.codec import DXO, check_plain, decode_dxo, encode_dxo, pack, unpack
 from services.wire.errors import DecodeError
 
@@ -44,10 +46,11 @@ class Message:
     TYPE: ClassVar[str] = ""
 
     def to_wire(self) -> dict[str, Any]:
-        """A msgpack-ready map of this message."""
+        """A msgpack-ready map of this message (only fields that can hold a DXO are walked)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = _to_wire(getattr(self, f.name))
+        for name, _, _, walk in _fields(type(self)):
+            v = getattr(self, name)
+            out[name] = _to_wire(v) if walk else list(v) if isinstance(v, tuple) else v
         return out
 
     def encode(self) -> bytes:
@@ -111,20 +114,46 @@ def _check(v: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported wire type {tp!r} at {where}")  # a bug in a message class
 
 
+def _holds(tp: Any, kinds: tuple[type, ...]) -> bool:
+    return tp in kinds or any(_holds(a, kinds) for a in typing.get_args(tp))
+
+
+@functools.cache
+def _fields(cls: type[Message]) -> tuple[tuple[str, Any, bool, bool], ...]:
+    """(name, type, optional, holds a DXO) of each field of a message class, resolved once."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name],
+                  f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
+                  _holds(hints[f.name], (DXO,)))
+                 for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+
+@functools.cache
+def _bulky(cls: type[Message]) -> tuple[str, ...]:
+    """The fields of a message class that can carry arrays or large binaries."""
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in dataclasses.fields(cls) if _holds(hints[f.name], (DXO, bytes)))  # type: ignore[arg-type]
+
+
+def bulk_bytes(msg: Message, wire: dict[str, Any]) -> int:
+    """Bytes of array data and large binaries in a message's wire map (to decide whether it goes in
+    parts), looking only at the fields that can carry them (not, say, a long round history)."""
+    return sum(array_bytes(wire[name]) for name in _bulky(type(msg)))
+
+
 def from_wire(cls: type[M], obj: Any) -> M:
     """Build a message of class cls from a decoded map, checking every field."""
     if not isinstance(obj, Mapping):
         raise DecodeError(f"{cls.TYPE}: body is not a map")
-    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     names = set()
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        names.add(f.name)
-        if f.name not in obj:
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+    for name, tp, optional, _ in _fields(cls):
+        names.add(name)
+        if name not in obj:
+            if optional:
                 continue
-            raise DecodeError(f"{cls.TYPE}: field {f.name!r} is missing")
-        kwargs[f.name] = _check(obj[f.name], hints[f.name], f"{cls.TYPE}.{f.name}")
+            raise DecodeError(f"{cls.TYPE}: field {name!r} is missing")
+        kwargs[name] = _check(obj[name], tp, f"{cls.TYPE}.{name}")
     unknown = set(obj) - names
     if unknown:
         raise DecodeError(f"{cls.TYPE}: unknown fields {sorted(unknown)}")
@@ -253,7 +282,8 @@ class ModelLoaded(Message):
 
 @dataclass(frozen=True, slots=True)
 class ModelSave(Message):
-    """Asks the persistor to save a round's global model and the job's history."""
+    """Asks the persistor to save a round's global model, with the job's round records it has not
+    been sent yet (it merges them, by round, into history.json)."""
 
     TYPE: ClassVar[str] = "model.save"
     job_id: str
