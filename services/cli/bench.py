@@ -129,12 +129,16 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         say(f"bench: {a.clients} sites up in {time.monotonic() - t0:.1f} s; running the job ...")
         job_id = admin.submit(read_job_folder(job))
         shown = 0
+        status_s: list[float] = []  # how long the server takes to answer, while rounds are in flight
         while True:
+            asked = time.monotonic()
             try:
                 st = admin.status(job_id)
             except SagmqError as e:  # the server can be busy for a while moving a very large model
                 say(f"bench: status not answered yet ({e})")
+                status_s.append(time.monotonic() - asked)
                 continue
+            status_s.append(time.monotonic() - asked)
             for h in st["history"][shown:]:
                 if "done_at" in h:
                     say(f"bench: round {h['round']} {h['done_at'] - h['started_at']:.3f} s")
@@ -169,6 +173,7 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         "peak_rss_mb": {"server": rss["server"], "aggregator": rss["aggregator"], "persistor": rss["persistor"],
                         "client_max": max(client_rss), "client_median": statistics.median(client_rss)},
         "services_total_mb": round(rss["server"] + rss["aggregator"] + rss["persistor"], 1),
+        "status_s": {"median": round(median(status_s), 4), "max": round(max(status_s), 4), "count": len(status_s)},
         "correct": correct,
     }
     if a.json:
@@ -181,6 +186,9 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         r = report["peak_rss_mb"]
         print(f"peak RSS MB: server {r['server']}, aggregator {r['aggregator']}, persistor {r['persistor']}, "
               f"client max {r['client_max']} (model {report['model_mb']} MB)")
+        st_s = report["status_s"]
+        print(f"admin status answered in median {st_s['median']:.4f} s, max {st_s['max']:.4f} s "
+              f"({st_s['count']} requests during the job)")
         print(f"final model correct: {correct}")
     if not a.keep:
         import shutil

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,7 @@ class NPTrainer(Executor):
         self.train_task_name = train_task_name
         self.model_name = model_name
         self.model_dir = model_dir
+        self._saving: threading.Thread | None = None
 
     def execute(self, task_name: str, dxo: DXO, ctx: TaskContext) -> DXO:
         """Train (add delta) on the train task; anything else is unknown."""
@@ -55,11 +58,27 @@ class NPTrainer(Executor):
             raise TaskError(RC_TASK_ABORTED, "aborted before training")
         out = {k: v + np.asarray(self.delta).astype(v.dtype) if v.dtype.kind == "f" else v + self.delta
                for k, v in dxo.data.items()}
-        try:
-            path = ctx.workdir / self.model_dir / self.model_name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if "numpy_key" in out:
-                np.save(path, out["numpy_key"])
-        except OSError as e:  # NVFlare only logs a failed local save
-            ctx.log.warning("could not save the local model: %s", e)
+        if "numpy_key" in out:
+            self._save_local(ctx, ctx.workdir / self.model_dir / self.model_name, out["numpy_key"])
         return DXO(WEIGHTS, out, {NUM_STEPS_CURRENT_ROUND: 1})
+
+    def _save_local(self, ctx: TaskContext, path: Path, arr: np.ndarray) -> None:
+        """Save the local model as NVFlare's NPTrainer does, in the background: the result does not
+        wait for the disk (the array is never changed afterwards). One save at a time, in order."""
+        self.wait_saved()
+
+        def save() -> None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, arr)
+            except OSError as e:  # NVFlare only logs a failed local save
+                ctx.log.warning("could not save the local model: %s", e)
+
+        self._saving = threading.Thread(target=save, name="local-save", daemon=True)
+        self._saving.start()
+
+    def wait_saved(self) -> None:
+        """Wait for the last local save to be written."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None

@@ -3,17 +3,48 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Protocol
-
+import ctypes
+import ctypes.util
+import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+from typing import Protocol
 
 from services.wire.bus import Bus
 from services.wire.logs import setup_logging
 from services.wire.settings import Settings, load_settings
 from services.wire.topology import service_topology
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_BYTES = 2**31 - 1  # the largest value mallopt takes (a C int)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep large freed blocks for reuse instead of unmapping them.
+
+    Each round allocates model-sized buffers (an assembled task, a result, the sums) and frees
+    them. By default glibc maps each such block fresh and unmaps it on free, so every round
+    page-faults the whole model in again: about 80 ms of CPU per 200 MB per process on this
+    project's machine, against about 25 ms with the blocks kept. The cost is that a process's
+    resident memory stays at its peak between rounds. Skipped where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
+    if not ok:
+        logging.getLogger(__name__).info("mallopt refused: freed model buffers go back to the system")
+    return ok
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -55,6 +86,7 @@ def serve(name: str, build: Callable[[Settings, Bus], Service], argv: list[str] 
         settings = load_settings()
     site = settings.site if name == "client" else ""
     setup_logging(settings.log_level, f"{name}[{site}]" if site else name)
+    keep_freed_memory()
     bus = Bus(settings, f"{name}-{site}" if site else name).connect()
     if service_topology_too:
         bus.declare(service_topology(settings.prefix))

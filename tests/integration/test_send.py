@@ -151,3 +151,13 @@ def test_close_waits_for_unconfirmed_sends(bus: Bus, small_chunks: Settings) -> 
              == 1 + -(-4_000_000 // CHUNK), 10, "every part in the queue")
     method, props, _ = bus.channel.basic_get(f"{small_chunks.prefix}.send.a", auto_ack=True)
     assert props.headers[H_BLOB] and props.headers[H_PART] == 0
+
+
+def test_the_bus_reads_the_socket_in_large_pieces(bus: Bus) -> None:
+    from pika.adapters.utils.io_services_utils import _AsyncTransportBase
+
+    from services.wire.bus import RECV_BYTES
+
+    assert RECV_BYTES >= 128 * 1024 and _AsyncTransportBase._MAX_RECV_BYTES == RECV_BYTES
+    transport = bus._conn._impl._transport  # the live connection's transport uses it
+    assert transport._MAX_RECV_BYTES == RECV_BYTES

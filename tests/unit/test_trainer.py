@@ -1,0 +1,51 @@
+"""NPTrainer: NVFlare's arithmetic, its errors, and its local model save (off the result's path)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.client.api import RC_BAD_TASK_DATA, RC_TASK_UNKNOWN, TaskContext, TaskError
+from services.client.trainer import NPTrainer
+from services.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS
+
+
+def ctx(tmp_path: Path) -> TaskContext:
+    return TaskContext("site-1", "job", 0, 2, "train", tmp_path)
+
+
+def test_train_adds_delta_and_saves_the_local_model(tmp_path: Path) -> None:
+    t = NPTrainer(delta=2)
+    w = np.arange(9, dtype=np.float32).reshape(3, 3)
+    out = t.execute("train", DXO(WEIGHTS, {"numpy_key": w}), ctx(tmp_path))
+    np.testing.assert_array_equal(out.data["numpy_key"], w + 2)
+    assert out.data["numpy_key"].dtype == np.float32
+    t.wait_saved()
+    np.testing.assert_array_equal(np.load(tmp_path / "model" / "best_numpy.npy"), w + 2)
+    out2 = t.execute("train", DXO(WEIGHTS, {"numpy_key": w + 10}), ctx(tmp_path))  # saves in order
+    t.wait_saved()
+    np.testing.assert_array_equal(np.load(tmp_path / "model" / "best_numpy.npy"), out2.data["numpy_key"])
+
+
+def test_a_failed_local_save_is_logged_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "model").write_text("a file where the folder should be")
+    t = NPTrainer()
+    with caplog.at_level(logging.WARNING, logger="sagmq.executor"):
+        out = t.execute("train", DXO(WEIGHTS, {"numpy_key": np.zeros(3, np.float32)}), ctx(tmp_path))
+        t.wait_saved()
+    np.testing.assert_array_equal(out.data["numpy_key"], np.ones(3, np.float32))
+    assert "could not save the local model" in caplog.text
+
+
+@pytest.mark.parametrize(("task", "dxo", "rc"), [
+    ("validate", DXO(WEIGHTS, {"numpy_key": np.zeros(3)}), RC_TASK_UNKNOWN),
+    ("train", DXO(WEIGHT_DIFF, {"numpy_key": np.zeros(3)}), RC_BAD_TASK_DATA),
+    ("train", DXO(WEIGHTS, {}), RC_BAD_TASK_DATA),
+])
+def test_bad_tasks_are_refused_with_a_return_code(tmp_path: Path, task: str, dxo: DXO, rc: str) -> None:
+    with pytest.raises(TaskError) as e:
+        NPTrainer().execute(task, dxo, ctx(tmp_path))
+    assert e.value.rc == rc
