@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -136,20 +136,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
 
 
 @contextmanager
-def aggregator_thread(bus_settings: Settings, grace_s: float, tick_s: float = 0.1,
-                      service_settings: Settings | None = None) -> Iterator[Any]:
-    """An AggregatorService on its own bus, served by a thread, stopped afterwards."""
-    from services.aggregator.main import AggregatorService
-
-    bus = Bus(bus_settings, "aggregator", connect_timeout_s=5).connect()
+def service_thread(name: str, bus_settings: Settings, build: Callable[[Bus], Any],
+                   serve: Callable[[Any, Bus], None]) -> Iterator[Any]:
+    """A service built on its own bus and served by a thread (serve(svc, bus)), stopped afterwards."""
+    bus = Bus(bus_settings, name, connect_timeout_s=5).connect()
     bus.declare(service_topology(bus_settings.prefix))
-    svc = AggregatorService(service_settings or bus_settings, bus, grace_s=grace_s)
-    svc.start()
-    t = threading.Thread(target=bus.run, args=(svc.stop, svc.tick, tick_s), daemon=True)
+    svc = build(bus)
+    t = threading.Thread(target=serve, args=(svc, bus), daemon=True)
     t.start()
     try:
         yield svc
     finally:
         svc.stop.set()
-        t.join(5)
+        t.join(10)
         bus.close()
+
+
+@contextmanager
+def aggregator_thread(bus_settings: Settings, grace_s: float, tick_s: float = 0.1,
+                      service_settings: Settings | None = None) -> Iterator[Any]:
+    """An AggregatorService on its own bus, served by a thread, stopped afterwards."""
+    from services.aggregator.main import AggregatorService
+
+    def serve(svc: AggregatorService, bus: Bus) -> None:
+        svc.start()
+        bus.run(svc.stop, svc.tick, tick_s)
+
+    with service_thread("aggregator", bus_settings,
+                        lambda bus: AggregatorService(service_settings or bus_settings, bus, grace_s=grace_s),
+                        serve) as svc:
+        yield svc

@@ -38,7 +38,7 @@ from services.wire.messages import (
     from_wire,
 )
 from services.wire.settings import Settings
-from services.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED
+from services.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class OpenRound:
     closing_since: float = 0.0
     streams: dict[str, Stream] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)  # targets whose result was accepted or refused
+    persist: bool = False  # the aggregate goes to the persistor too
 
     def all_answered(self) -> bool:
         return self.answered >= self.acc.targets
@@ -87,6 +88,9 @@ class Early:
     since: float
 
 
+RETRY_S = 5.0  # a refused aggregate is sent again after this long
+
+
 class AggregatorService:
     """Accepts or rejects each result with a reason and publishes each round's aggregate."""
 
@@ -101,6 +105,8 @@ class AggregatorService:
         self.early: list[Early] = []
         self.refused: dict[str, float] = {}  # blobs already turned away: their remaining parts are dropped
         self.pending: dict[str, float] = {}  # blobs whose round.open has not come yet: since when
+        self.retries: list[tuple[float, str, RoundAggregated, list[Delivery]]] = []  # refused aggregates
+        self.refused_aggregates = 0
         bus.on_reconnect.append(self.forget_unacked)
 
     def start(self) -> None:
@@ -121,10 +127,15 @@ class AggregatorService:
             log.warning("connection replaced: rebuilding %d open round(s) from redelivered messages", len(self.open))
         self.open.clear()
         self.early.clear()
+        self.retries.clear()
 
     def tick(self) -> None:
         """Finish closes that waited for redelivered results; refuse early results past the grace."""
         now = time.monotonic()
+        due = [r for r in self.retries if r[0] <= now]
+        self.retries = [r for r in self.retries if r[0] > now]
+        for _, rk, agg, held in due:
+            self._send_aggregate(rk, agg, held)
         for cur in list(self.open.values()):
             for st in list(cur.streams.values()):
                 if now - st.last_seen > self.s.chunk_timeout_s:
@@ -177,7 +188,8 @@ class AggregatorService:
             self.bus.ack_many(cur.held)
         spec = {k: VarSpec(m.var_dtypes[k], tuple(m.var_shapes[k])) for k in m.var_dtypes if k in m.var_shapes}
         cfg = AggregatorConfig(m.expected_data_kind, dict(m.aggregation_weights), m.exclude_vars, m.weigh_by_local_iter)
-        rnd = OpenRound(m.job_id, m.round, m.task_id, Accumulator(cfg, frozenset(m.targets), spec), [d])
+        rnd = OpenRound(m.job_id, m.round, m.task_id, Accumulator(cfg, frozenset(m.targets), spec), [d],
+                        persist=m.persist)
         d.deferred = True
         self.open[m.job_id] = rnd
         self.ended.discard(m.job_id)
@@ -223,22 +235,32 @@ class AggregatorService:
             log.warning("round %d of job %s: results of %s never came back; aggregating without them",
                         m.round, m.job_id, ", ".join(missing))
         dxo = cur.acc.result()
-        agg = RoundAggregated(m.job_id, m.round, list(cur.acc.accepted), dxo)
+        agg = RoundAggregated(m.job_id, m.round, list(cur.acc.accepted), dxo, cur.task_id)
         log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.acc.accepted), m.round,
                  m.job_id, m.reason)
-        held = cur.held
+        rk = RK_ROUND_AGGREGATED_SAVE if cur.persist and dxo is not None else RK_ROUND_AGGREGATED
+        self._send_aggregate(rk, agg, cur.held)
+        del self.open[m.job_id]
+        self.closed[m.job_id] = m.round
+
+    def _send_aggregate(self, rk: str, agg: RoundAggregated, held: list[Delivery]) -> None:
+        """Send without waiting (the loop keeps serving while a large aggregate leaves); the round's
+        inputs are acked once it is confirmed. One the broker refuses (say, a permission missing)
+        is tried again every RETRY_S seconds, the inputs still held, until it goes or the connection
+        is replaced (the inputs then come back and the round is aggregated again)."""
+        generation = self.bus.generation
 
         def sent(err: SagmqError | None) -> None:
             if err is None:
                 self.bus.ack_many(held)  # the aggregate is confirmed: the inputs may go
-            else:  # the inputs come back and the round is aggregated again
-                self.bus.reset(f"the aggregate of round {m.round} of job {m.job_id} was not accepted: {err}")
+            elif self.bus.generation == generation:
+                log.error("the aggregate of round %d of job %s was not accepted (%s); trying again in %g s",
+                          agg.round, agg.job_id, err, RETRY_S)
+                self.retries.append((time.monotonic() + RETRY_S, rk, agg, held))
+                self.refused_aggregates += 1
 
-        # not waiting: the loop keeps serving while a large aggregate leaves; inputs are acked once it is confirmed
-        self.bus.send(self.bus.names.events, RK_ROUND_AGGREGATED, agg,
-                      headers={"job_id": m.job_id, "round": m.round}, on_done=sent)
-        del self.open[m.job_id]
-        self.closed[m.job_id] = m.round
+        self.bus.send(self.bus.names.events, rk, agg, headers={"job_id": agg.job_id, "round": agg.round},
+                      on_done=sent)
 
     # --- results ----------------------------------------------------------------------
 
@@ -439,4 +461,4 @@ class AggregatorService:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sagmq aggregator`."""
-    return serve("aggregator", AggregatorService, argv)
+    return serve("aggregator", AggregatorService, argv, keep_freed=True)

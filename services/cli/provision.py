@@ -43,9 +43,9 @@ because RabbitMQ matches unanchored; "-" means ^$, i.e. nothing):
     user        write (routing keys it publishes)                      read (binding keys it binds)
     ----------  -----------------------------------------------------  ----------------------------------
     <site S>    client.heartbeat                                        -
-    server      job.<status>, model.load, model.save, round.open,       every binding key on P.events
-                round.close, control.all                                (it declares the bindings)
-    aggregator  round.aggregated, contribution                          every binding key on P.events
+    server      job.<status>, model.load, model.save, model.commit,     every binding key on P.events
+                round.open, round.close, control.all                    (it declares the bindings)
+    aggregator  round.aggregated, round.aggregated.save, contribution   every binding key on P.events
     persistor   model.loaded, model.saved                               -
     admin       -                                                       -
 
@@ -79,11 +79,13 @@ from services.wire.topology import (
     RK_ADMIN_SERVER,
     RK_CONTRIBUTION,
     RK_HEARTBEAT,
+    RK_MODEL_COMMIT,
     RK_MODEL_LOAD,
     RK_MODEL_LOADED,
     RK_MODEL_SAVE,
     RK_MODEL_SAVED,
     RK_ROUND_AGGREGATED,
+    RK_ROUND_AGGREGATED_SAVE,
     RK_ROUND_CLOSE,
     RK_ROUND_OPEN,
     TOPIC,
@@ -169,8 +171,8 @@ def server_ops(prefix: str) -> Access:
     a.consume(n.server_queue)
     a.consume(n.server_admin_queue)
     a.publish(n.tasks)  # tasks and control messages, routing key = site
-    a.publish(n.events, *(rk_job(s) for s in JOB_STATUSES), RK_MODEL_LOAD, RK_MODEL_SAVE, RK_ROUND_OPEN,
-              RK_ROUND_CLOSE, rk_control("all"))
+    a.publish(n.events, *(rk_job(s) for s in JOB_STATUSES), RK_MODEL_LOAD, RK_MODEL_SAVE, RK_MODEL_COMMIT,
+              RK_ROUND_OPEN, RK_ROUND_CLOSE, rk_control("all"))
     a.publish("")  # admin replies over direct reply-to
     a.publish(n.dead)
     return a
@@ -182,7 +184,7 @@ def aggregator_ops(prefix: str) -> Access:
     a.declare(service_topology(prefix))
     a.consume(n.aggregator_queue)
     a.consume(n.results_queue)
-    a.publish(n.events, RK_ROUND_AGGREGATED, RK_CONTRIBUTION)
+    a.publish(n.events, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, RK_CONTRIBUTION)
     a.publish(n.dead)
     return a
 

@@ -224,4 +224,4 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings.with_site(args.site or settings.site or default_site_name())
     if args.allow_custom_code:
         settings = replace(settings, allow_custom_code=True)
-    return serve("client", ClientService, settings=settings, service_topology_too=False)
+    return serve("client", ClientService, settings=settings, service_topology_too=False, keep_freed=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass
+from typing import Any
 
 from services.persistor.store import ModelStore
 from services.wire.bus import Bus, Delivery
@@ -15,10 +18,15 @@ from services.wire.messages import (
     AdminRequest,
     Control,
     JobEvent,
+    ModelCommit,
     ModelLoad,
     ModelLoaded,
     ModelSave,
     ModelSaved,
+    RoundAggregated,
+    FINISHED,
+    FAILED,
+    ABORTED,
 )
 from services.wire.settings import Settings
 from services.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED
@@ -26,20 +34,47 @@ from services.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Held:
+    """A delivery held unacked until what it asks for is on disk."""
+
+    delivery: Delivery
+    msg: Any
+    since: float
+
+
 class PersistorService:
-    """Answers model.load, performs model.save, keeps meta/history, serves download."""
+    """Answers model.load, performs model.save and model.commit, keeps meta/history, serves download."""
 
     def __init__(self, settings: Settings, bus: Bus) -> None:
         self.s = settings
         self.bus = bus
         self.store = ModelStore(settings.workspace)
         self.stop = threading.Event()
+        self.aggregates: dict[str, _Held] = {}  # job -> its latest aggregate routed here, held
+        self.commits: dict[str, _Held] = {}  # job -> a model.commit whose aggregate has not come yet
+        bus.on_reconnect.append(self.forget_held)
 
     def run(self) -> None:
         """Serve until stopped."""
         self.bus.consume(self.bus.names.persistor_queue, self.on_message, prefetch=0)  # saves come in held parts
         log.info("persistor ready (store %s)", self.store.root)
-        self.bus.run(self.stop)
+        self.bus.run(self.stop, self.tick, 1.0)
+
+    def forget_held(self) -> None:
+        """After a reconnect the held deliveries come again."""
+        self.aggregates.clear()
+        self.commits.clear()
+
+    def tick(self) -> None:
+        """A commit whose aggregate never came is dead-lettered (the server's round then shows it)."""
+        now = time.monotonic()
+        for job, c in list(self.commits.items()):
+            if now - c.since > self.s.chunk_timeout_s:
+                del self.commits[job]
+                self.bus.dead_letter(c.delivery, f"model.commit for round {c.msg.round} of job {job}: its aggregate "
+                                                 f"(task {c.msg.task_id}) did not come within "
+                                                 f"{self.s.chunk_timeout_s:g} s")
 
     def on_message(self, d: Delivery) -> None:
         """Dispatch by message type."""
@@ -48,8 +83,14 @@ class PersistorService:
             self.on_load(d.message(ModelLoad, limit))
         elif d.msg_type == ModelSave.TYPE:
             self.on_save(d.message(ModelSave, limit))
+        elif d.msg_type == RoundAggregated.TYPE:
+            self.on_aggregate(d, d.message(RoundAggregated, limit))
+        elif d.msg_type == ModelCommit.TYPE:
+            self.on_commit(d, d.message(ModelCommit, limit))
         elif d.msg_type == JobEvent.TYPE:
             ev = d.message(JobEvent, limit)
+            if ev.status in (FINISHED, FAILED, ABORTED):
+                self._drop_held(ev.job_id, None)
             self.store.write_json(ev.job_id, "meta.json", {**ev.meta, "job_id": ev.job_id, "name": ev.name,
                                                            "status": ev.status, "reason": ev.reason})
             if ev.history:
@@ -80,12 +121,73 @@ class PersistorService:
 
     def on_save(self, m: ModelSave) -> None:
         """Save durably, then confirm with model.saved."""
-        path = self.store.save(m.job_id, m.round, dict(m.dxo.data), m.model_dir, m.model_name)
-        if m.history:
-            self.store.merge_history(m.job_id, m.history)
-        log.info("saved model of job %s round %d to %s", m.job_id, m.round, path)
-        self.bus.publish(self.bus.names.events, RK_MODEL_SAVED,
-                         ModelSaved(m.job_id, m.round, str(path)), headers={"job_id": m.job_id, "round": m.round})
+        self._save(m.job_id, m.round, m.dxo, m.model_dir, m.model_name, m.history)
+        self._drop_held(m.job_id, m.round)
+
+    def _save(self, job_id: str, rnd: int, dxo: DXO, model_dir: str, model_name: str,
+              history: list[dict[str, Any]], how: str = "model.save") -> None:
+        path = self.store.save(job_id, rnd, dict(dxo.data), model_dir, model_name)
+        if history:
+            self.store.merge_history(job_id, history)
+        log.info("saved model of job %s round %d to %s (%s)", job_id, rnd, path, how)
+        self._saved(job_id, rnd, str(path))
+
+    def _saved(self, job_id: str, rnd: int, path: str) -> None:
+        self.bus.publish(self.bus.names.events, RK_MODEL_SAVED, ModelSaved(job_id, rnd, path),
+                         headers={"job_id": job_id, "round": rnd})
+
+    def _done_already(self, job_id: str, rnd: int) -> bool:
+        last = self.store.last_round(job_id)
+        return last is not None and rnd <= last
+
+    def on_aggregate(self, d: Delivery, m: RoundAggregated) -> None:
+        """Hold a round's aggregate (it will be the saved model) until the server's model.commit."""
+        if m.dxo is None or not m.dxo.data:
+            raise Rejected(f"the aggregate of round {m.round} of job {m.job_id} carries no model to save")
+        if self._done_already(m.job_id, m.round):
+            return  # a round saved before (a redelivery): nothing to keep
+        old = self.aggregates.get(m.job_id)
+        if old is not None and old.msg.round > m.round:
+            return  # an older round's aggregate, overtaken
+        if old is not None:
+            self.bus.ack(old.delivery)  # replaced: a later round, or the same round aggregated again
+        d.deferred = True
+        self.aggregates[m.job_id] = _Held(d, m, time.monotonic())
+        c = self.commits.get(m.job_id)
+        if c is not None and (c.msg.round, c.msg.task_id) == (m.round, m.task_id):
+            del self.commits[m.job_id]
+            self._commit(c.delivery, c.msg)
+
+    def on_commit(self, d: Delivery, m: ModelCommit) -> None:
+        """Save the held aggregate of the round as its global model (or wait for it to come)."""
+        if self._done_already(m.job_id, m.round):
+            # saved before this redelivery: confirm again
+            self._saved(m.job_id, m.round, str(self.store.job_dir(m.job_id) / m.model_dir / m.model_name))
+            return
+        a = self.aggregates.get(m.job_id)
+        if a is not None and (a.msg.round, a.msg.task_id) == (m.round, m.task_id):
+            self._commit(d, m)
+            return
+        old = self.commits.get(m.job_id)
+        if old is not None:
+            self.bus.ack(old.delivery)  # superseded by a newer commit
+        d.deferred = True
+        self.commits[m.job_id] = _Held(d, m, time.monotonic())
+
+    def _commit(self, d: Delivery, m: ModelCommit) -> None:
+        a = self.aggregates.pop(m.job_id)
+        self._save(m.job_id, m.round, a.msg.dxo, m.model_dir, m.model_name, m.history, "model.commit of its aggregate")
+        self.bus.ack(a.delivery)
+        if d.deferred:
+            self.bus.ack(d)
+
+    def _drop_held(self, job_id: str, upto_round: int | None) -> None:
+        """Let go of a job's held aggregate and commit (those of rounds up to upto_round, or all)."""
+        for held in (self.aggregates, self.commits):
+            h = held.get(job_id)
+            if h is not None and (upto_round is None or h.msg.round <= upto_round):
+                del held[job_id]
+                self.bus.ack(h.delivery)
 
     def on_admin(self, d: Delivery, req: AdminRequest) -> None:
         """download JOB_ID: every file the persistor holds for the job."""

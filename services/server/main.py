@@ -36,6 +36,7 @@ from services.wire.messages import (
     JobEvent,
     ModelLoad,
     ModelLoaded,
+    ModelCommit,
     ModelSave,
     ModelSaved,
     RoundAggregated,
@@ -46,6 +47,7 @@ from services.wire.messages import (
 from services.wire.settings import Settings
 from services.wire.topology import (
     RK_MODEL_LOAD,
+    RK_MODEL_COMMIT,
     RK_MODEL_SAVE,
     RK_ROUND_CLOSE,
     RK_ROUND_OPEN,
@@ -289,10 +291,14 @@ class ServerService:
         run.phase, run.phase_since = "training", now
         agg = spec.aggregator
         w = run.weights
+        # an aggregate of WEIGHTS over every variable is the next global model: the persistor takes it
+        # straight from the aggregator (the server then only confirms it with model.commit)
+        persist = (spec.persistor is not None and should_persist(sag, r) and agg.expected_data_kind == WEIGHTS
+                   and not agg.exclude_vars)
         run.round_open = RoundOpen(
             job.job_id, r, run.task_id, targets, agg.expected_data_kind, agg.aggregation_weights,
             {k: v.dtype.str for k, v in w.items()}, {k: list(v.shape) for k, v in w.items()},
-            agg.exclude_vars, agg.weigh_by_local_iter,
+            agg.exclude_vars, agg.weigh_by_local_iter, persist,
         )
         run.round_close = None
         self._send_round_control(run)
@@ -456,22 +462,35 @@ class ServerService:
         if p is None or not should_persist(sag, m.round):
             self._advance(run)
             return
-        save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name,
-                         job.history[run.history_sent:])
+        history = job.history[run.history_sent:]
         run.history_sent = len(job.history)
+        save: ModelSave | ModelCommit
+        if (run.round_open is not None and run.round_open.persist and m.task_id == run.task_id
+                and m.dxo is not None and m.dxo.kind == WEIGHTS and set(m.dxo.data) == set(run.weights)):
+            # the new global model is the aggregate, which the persistor got too: it saves that
+            save, rk = ModelCommit(job.job_id, m.round, m.task_id, p.model_dir, p.model_name, history), RK_MODEL_COMMIT
+        else:
+            save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name, history)
+            rk = RK_MODEL_SAVE
+        headers = {"job_id": job.job_id, "round": m.round}
         if m.round == sag.start_round + sag.num_rounds - 1:
             run.phase, run.phase_since = "saving", time.monotonic()  # the job ends once its model is on disk
+
             def saved_or_not(err: SagmqError | None) -> None:
                 if err is not None and run.phase == "saving" and self.run_ is run:
                     self._end(job, FAILED, f"round {m.round}: the final model could not be sent to the persistor: {err}")
 
-            self.bus.send(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round},
-                          on_done=saved_or_not)
+            self.bus.send(self.names.events, rk, save, headers=headers, on_done=saved_or_not)
             return
-        # Other rounds do not wait for the disk: the next round starts first, the persistor saves in
-        # order meanwhile, and a restarted server resumes from whatever round was saved last.
-        self._advance(run)
-        self.bus.send(self.names.events, RK_MODEL_SAVE, save, headers={"job_id": job.job_id, "round": m.round})
+        # Other rounds do not wait for the disk: the persistor saves in order meanwhile, and a restarted
+        # server resumes from whatever round was saved last. A small commit goes first (the persistor
+        # can let its aggregate go sooner); a whole model goes after the next round's task.
+        if isinstance(save, ModelCommit):
+            self.bus.send(self.names.events, rk, save, headers=headers)
+            self._advance(run)
+        else:
+            self._advance(run)
+            self.bus.send(self.names.events, rk, save, headers=headers)
 
     def on_loaded(self, run: Run, m: ModelLoaded) -> None:
         if run.phase != "loading":

@@ -447,6 +447,11 @@ class Bus:
         self._pump_safe()
 
     @property
+    def generation(self) -> int:
+        """Counts connections: deliveries of an older generation can no longer be acked."""
+        return self._generation
+
+    @property
     def sending(self) -> int:
         """Sends not yet confirmed (or failed)."""
         return len(self._sends)

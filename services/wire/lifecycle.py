@@ -30,7 +30,9 @@ def keep_freed_memory() -> bool:
     them. By default glibc maps each such block fresh and unmaps it on free, so every round
     page-faults the whole model in again: about 80 ms of CPU per 200 MB per process on this
     project's machine, against about 25 ms with the blocks kept. The cost is that a process's
-    resident memory stays at its peak between rounds. Skipped where the C library is not glibc.
+    resident memory stays at its peak between rounds, and can creep up where blocks of other
+    sizes split the kept ones, so only the services whose buffers recur every round (the sites,
+    the aggregator) use it. Skipped where the C library is not glibc.
     """
     name = ctypes.util.find_library("c")
     if not name:
@@ -79,14 +81,15 @@ class Service(Protocol):
 
 
 def serve(name: str, build: Callable[[Settings, Bus], Service], argv: list[str] | None = None,
-          settings: Settings | None = None, service_topology_too: bool = True) -> int:
+          settings: Settings | None = None, service_topology_too: bool = True, keep_freed: bool = False) -> int:
     """main() of a service: settings, then logging, then the connection, then the service."""
     if settings is None:
         argparse.ArgumentParser(prog=f"sagmq {name}", description=f"Run the sagmq {name} service.").parse_args(argv)
         settings = load_settings()
     site = settings.site if name == "client" else ""
     setup_logging(settings.log_level, f"{name}[{site}]" if site else name)
-    keep_freed_memory()
+    if keep_freed:  # (the sites and the aggregator, which move several models' worth of bytes a round)
+        keep_freed_memory()
     bus = Bus(settings, f"{name}-{site}" if site else name).connect()
     if service_topology_too:
         bus.declare(service_topology(settings.prefix))

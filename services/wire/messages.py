@@ -215,6 +215,7 @@ class RoundOpen(Message):
     var_shapes: dict[str, list[int]]
     exclude_vars: str = ""
     weigh_by_local_iter: bool = True
+    persist: bool = False  # route the aggregate to the persistor too: it becomes the saved model
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +252,7 @@ class RoundAggregated(Message):
     round: int
     accepted: list[str]
     dxo: DXO | None = None
+    task_id: str = ""
 
 
 # --- persistence ----------------------------------------------------------------------
@@ -289,6 +291,21 @@ class ModelSave(Message):
     job_id: str
     round: int
     dxo: DXO
+    model_dir: str = "models"
+    model_name: str = "server.npy"
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCommit(Message):
+    """Asks the persistor to save, as a round's global model, the aggregate of that round it got
+    from the aggregator (routed to it because round.open said persist): the server found the new
+    global model equal to that aggregate, so the model does not travel through the broker again."""
+
+    TYPE: ClassVar[str] = "model.commit"
+    job_id: str
+    round: int
+    task_id: str
     model_dir: str = "models"
     model_name: str = "server.npy"
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -378,6 +395,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     ModelLoad,
     ModelLoaded,
     ModelSave,
+    ModelCommit,
     ModelSaved,
     JobEvent,
     ClientHeartbeat,

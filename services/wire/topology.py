@@ -120,6 +120,8 @@ RK_ROUND_OPEN = "round.open"
 RK_ROUND_CLOSE = "round.close"
 RK_CONTRIBUTION = "contribution"
 RK_ROUND_AGGREGATED = "round.aggregated"
+RK_ROUND_AGGREGATED_SAVE = "round.aggregated.save"  # an aggregate that will be the saved model
+RK_MODEL_COMMIT = "model.commit"
 RK_MODEL_LOAD = "model.load"
 RK_MODEL_LOADED = "model.loaded"
 RK_MODEL_SAVE = "model.save"
@@ -165,11 +167,13 @@ def service_topology(prefix: str) -> Topology:
     )
     ev = n.events
     bindings = [Binding(n.results_queue, n.results, RK_RESULT), Binding(n.dead_queue, n.dead, "")]
-    for rk in (RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_MODEL_LOADED, RK_MODEL_SAVED, RK_HEARTBEAT):
+    for rk in (RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, RK_MODEL_LOADED, RK_MODEL_SAVED,
+               RK_HEARTBEAT):
         bindings.append(Binding(n.server_queue, ev, rk))
     for rk in (RK_ROUND_OPEN, RK_ROUND_CLOSE, "job.*", rk_control("aggregator"), rk_control("all")):
         bindings.append(Binding(n.aggregator_queue, ev, rk))
-    for rk in (RK_MODEL_LOAD, RK_MODEL_SAVE, "job.*", rk_control("persistor"), rk_control("all")):
+    for rk in (RK_MODEL_LOAD, RK_MODEL_SAVE, RK_MODEL_COMMIT, RK_ROUND_AGGREGATED_SAVE, "job.*",
+               rk_control("persistor"), rk_control("all")):
         bindings.append(Binding(n.persistor_queue, ev, rk))
     bindings.append(Binding(n.server_admin_queue, n.admin, RK_ADMIN_SERVER))
     bindings.append(Binding(n.persistor_queue, n.admin, RK_ADMIN_PERSISTOR))

@@ -38,3 +38,6 @@ def test_chunked_model_through_all_services(system: System, tmp_path: Path) -> N
     assert final.dtype == np.float32 and final.shape == base.shape
     logs = system.logs()
     assert "dead-lettering" not in logs, logs
+    persistor = next(p for p in system.stack.procs if p.name == "persistor").log.read_text()
+    # WEIGHTS over every variable: the persistor saved the aggregates it was routed, not a second copy
+    assert persistor.count("(model.commit of its aggregate)") == 2, persistor

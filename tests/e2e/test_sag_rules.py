@@ -51,6 +51,9 @@ def test_weighted_weight_diff_matches_nvflare_formula(system: System, tmp_path: 
     avg_diff = sum(eff[s] * deltas[s] for s in weights) / sum(eff.values())  # NVFlare: Σ w·x / Σ w
     expected = BASE + np.float32(2 * avg_diff)
     np.testing.assert_allclose(final_model(system, st["job_id"]), expected, rtol=1e-6)
+    persistor = next(p for p in system.stack.procs if p.name == "persistor").log.read_text()
+    # a WEIGHT_DIFF aggregate is not the model: the server sent the model itself
+    assert persistor.count("(model.save)") == 2 and "model.commit" not in persistor, persistor
 
 
 def test_slow_site_round_closes_after_wait_time(system: System, tmp_path: Path) -> None:

@@ -148,3 +148,40 @@ def _spoof_and_oversize(settings: Settings, svc: AggregatorService) -> None:
     assert "spoofed sender: user 'guest' sent a result for site 'site-1'" in reasons[1], reasons
     assert svc.open["job2"].acc.accepted == []
     test.close()
+
+
+def test_a_refused_aggregate_is_sent_again_later_with_its_inputs_held(settings: Settings,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.aggregator.main as agg_main
+    from services.wire.topology import RK_ROUND_AGGREGATED
+
+    monkeypatch.setattr(agg_main, "RETRY_S", 0.3)
+    bus = Bus(settings, "test", connect_timeout_s=5).connect()
+    n = bus.names
+    with aggregator_thread(settings, grace_s=0.5) as svc:  # (it declares the topology: unbind after)
+        bus.channel.queue_unbind(n.server_queue, n.events, RK_ROUND_AGGREGATED)  # the aggregate is unroutable
+        bus.publish(n.events, RK_ROUND_OPEN, RoundOpen("job1", 0, "t0", ["site-1"], "WEIGHTS", {},
+                                                       {"w": "<f4"}, {"w": list(SHAPE)}))
+        bus.publish(n.results, RK_RESULT, TaskResult("job1", 0, "train", "t0", "site-1", "OK",
+                                                     DXO("WEIGHTS", {"w": np.full(SHAPE, 4.0, np.float32)}, {})),
+                    headers={"site": "site-1"})
+        deadline = time.monotonic() + 10
+        while svc.refused_aggregates < 3:  # refused, and tried again, every RETRY_S (not in a tight loop)
+            assert time.monotonic() < deadline, f"refused {svc.refused_aggregates} time(s) only"
+            time.sleep(0.05)
+        assert svc.refused_aggregates <= 6
+        assert not svc.open  # the round is closed, its aggregate waits to be sent again
+        bus.channel.queue_bind(n.server_queue, n.events, RK_ROUND_AGGREGATED)
+        agg = None
+        while agg is None:
+            assert time.monotonic() < deadline + 5, "the aggregate never came once it could be routed"
+            method, props, body = bus.channel.basic_get(n.server_queue, auto_ack=True)
+            if method is not None and props.type == RoundAggregated.TYPE:
+                agg = decode(RoundAggregated, body, 2**20)
+            time.sleep(0.02)
+        np.testing.assert_array_equal(agg.dxo.data["w"], np.full(SHAPE, 4.0, np.float32))
+        time.sleep(0.3)
+    # the aggregator is gone: had it not acked the inputs after the confirm, they would be back
+    assert bus.channel.queue_declare(n.results_queue, passive=True).method.message_count == 0
+    assert bus.channel.queue_declare(n.aggregator_queue, passive=True).method.message_count == 0
+    bus.close()

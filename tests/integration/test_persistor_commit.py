@@ -1,0 +1,162 @@
+"""The persistor saves a round's aggregate (routed to it as round.aggregated.save) on model.commit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.persistor.main import PersistorService
+from services.wire.bus import Bus, Delivery
+from services.wire.codec import DXO, WEIGHTS
+from services.wire.messages import JobEvent, ModelCommit, ModelSave, ModelSaved, RoundAggregated
+from services.wire.settings import Settings
+from services.wire.topology import (
+    RK_MODEL_COMMIT,
+    RK_MODEL_SAVE,
+    RK_ROUND_AGGREGATED_SAVE,
+    rk_job,
+    service_topology,
+)
+from tests.conftest import service_thread, wait_for
+
+pytestmark = pytest.mark.broker
+
+JOB = "0123456789abcdef0123456789abcdef"
+
+
+def persistor(settings: Settings) -> Any:
+    return service_thread("persistor", settings, lambda bus: PersistorService(settings, bus),
+                          lambda svc, _bus: svc.run())
+
+
+class Driver:
+    """Plays the server and the aggregator: publishes, and collects model.saved."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.bus = Bus(settings, "driver", connect_timeout_s=5).connect()
+        self.bus.declare(service_topology(settings.prefix))
+        self.saved: list[ModelSaved] = []
+        self.bus.consume(self.bus.names.server_queue, self._on_server, prefetch=0)
+
+    def _on_server(self, d: Delivery) -> None:
+        if d.msg_type == ModelSaved.TYPE:
+            self.saved.append(d.message(ModelSaved, self.s.max_body_bytes))
+
+    def aggregate(self, rnd: int, task_id: str, values: np.ndarray) -> None:
+        m = RoundAggregated(JOB, rnd, ["site-1"], DXO(WEIGHTS, {"numpy_key": values}), task_id)
+        self.bus.publish(self.bus.names.events, RK_ROUND_AGGREGATED_SAVE, m)
+
+    def commit(self, rnd: int, task_id: str) -> None:
+        self.bus.publish(self.bus.names.events, RK_MODEL_COMMIT,
+                         ModelCommit(JOB, rnd, task_id, history=[{"round": rnd, "accepted": ["site-1"]}]))
+
+    def wait_saved(self, n: int) -> list[ModelSaved]:
+        wait_for(lambda: self.bus.process(0.05) or len(self.saved) >= n, 20, f"{n} model.saved")
+        return self.saved
+
+    def queue_count(self, queue: str) -> int:
+        return int(self.bus.channel.queue_declare(queue, passive=True).method.message_count)
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    return replace(settings, chunk_bytes=64 * 1024, chunk_timeout_s=1.0)  # a 400 KB model comes in parts
+
+
+@pytest.fixture
+def driver(fast: Settings) -> Iterator[Driver]:
+    d = Driver(fast)
+    yield d
+    d.bus.close()
+
+
+def model_file(settings: Settings) -> np.ndarray:
+    return np.load(settings.workspace / "persistor" / "jobs" / JOB / "models" / "server.npy")
+
+
+def values(x: float) -> np.ndarray:
+    return np.full(100_000, x, dtype=np.float32)
+
+
+def nothing_left_behind(driver: Driver) -> None:
+    """Once the persistor is gone, nothing it held comes back: everything was acked."""
+    assert driver.queue_count(driver.bus.names.persistor_queue) == 0
+
+
+@pytest.mark.parametrize("commit_first", [False, True], ids=["aggregate-then-commit", "commit-then-aggregate"])
+def test_the_committed_aggregate_is_saved_as_the_model(fast: Settings, driver: Driver, commit_first: bool) -> None:
+    with persistor(fast):
+        if commit_first:
+            driver.commit(0, "t0")
+            driver.aggregate(0, "t0", values(1.5))
+        else:
+            driver.aggregate(0, "t0", values(1.5))
+            driver.commit(0, "t0")
+        saved = driver.wait_saved(1)
+        assert (saved[0].job_id, saved[0].round) == (JOB, 0) and saved[0].path.endswith("server.npy")
+        np.testing.assert_array_equal(model_file(fast), values(1.5))
+        job_dir = fast.workspace / "persistor" / "jobs" / JOB
+        assert json.loads((job_dir / "progress.json").read_text()) == {"last_round": 0}
+        assert json.loads((job_dir / "history.json").read_text()) == [{"round": 0, "accepted": ["site-1"]}]
+    nothing_left_behind(driver)
+
+
+def test_a_newer_aggregate_of_the_round_replaces_the_held_one(fast: Settings, driver: Driver) -> None:
+    with persistor(fast) as svc:
+        driver.aggregate(1, "first-try", values(1.0))  # the round ran again (say, after a server restart)
+        driver.aggregate(1, "second-try", values(2.0))
+        driver.commit(1, "second-try")
+        driver.wait_saved(1)
+        np.testing.assert_array_equal(model_file(fast), values(2.0))
+        driver.aggregate(2, "t2", values(3.0))  # an aggregate that is never committed: the job fails
+        wait_for(lambda: JOB in svc.aggregates, 10, "the aggregate of round 2 to be held")
+        driver.bus.publish(driver.bus.names.events, rk_job("failed"), JobEvent(JOB, "x", "failed", "why"))
+        wait_for(lambda: JOB not in svc.aggregates, 10, "the held aggregate to go with the job")
+    nothing_left_behind(driver)
+
+
+def test_a_full_save_of_the_round_lets_its_held_aggregate_go(fast: Settings, driver: Driver) -> None:
+    with persistor(fast):
+        driver.aggregate(0, "t0", values(1.0))
+        driver.bus.publish(driver.bus.names.events, RK_MODEL_SAVE,
+                           ModelSave(JOB, 0, DXO(WEIGHTS, {"numpy_key": values(7.0)})))
+        driver.wait_saved(1)
+        np.testing.assert_array_equal(model_file(fast), values(7.0))
+    nothing_left_behind(driver)
+
+
+def test_a_commit_of_a_saved_round_is_confirmed_again(fast: Settings, driver: Driver) -> None:
+    with persistor(fast):
+        driver.aggregate(0, "t0", values(1.0))
+        driver.commit(0, "t0")
+        driver.wait_saved(1)
+        driver.commit(0, "t0")  # redelivered after the save, say: its aggregate is long gone
+        saved = driver.wait_saved(2)
+        assert [(m.round, m.path) for m in saved] == [(0, saved[0].path)] * 2
+    nothing_left_behind(driver)
+
+
+def test_a_commit_whose_aggregate_never_comes_is_dead_lettered_with_a_reason(fast: Settings,
+                                                                            driver: Driver) -> None:
+    with persistor(fast):
+        driver.commit(3, "t3")
+        dead: list[Any] = []
+
+        def look() -> bool:
+            method, props, _ = driver.bus.channel.basic_get(driver.bus.names.dead_queue, auto_ack=True)
+            if method is not None:
+                dead.append(props.headers)
+            return bool(dead)
+
+        wait_for(look, 20, "the dead-lettered commit")
+        reason = dead[0]["x-sagmq-reason"]
+        reason = reason.decode() if isinstance(reason, bytes) else reason
+        assert "model.commit for round 3" in reason and "did not come within 1 s" in reason
+        assert driver.saved == []
+    nothing_left_behind(driver)
