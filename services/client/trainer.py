@@ -22,6 +22,9 @@ from services.client.api import (
 )
 
 
+BACKGROUND_SAVE_BYTES = 1 << 20  # local models from this size on are saved in a thread
+
+
 class NPTrainer(Executor):
     """Returns WEIGHTS = global + delta, after sleep_time seconds (checking abort)."""
 
@@ -63,8 +66,9 @@ class NPTrainer(Executor):
         return DXO(WEIGHTS, out, {NUM_STEPS_CURRENT_ROUND: 1})
 
     def _save_local(self, ctx: TaskContext, path: Path, arr: np.ndarray) -> None:
-        """Save the local model as NVFlare's NPTrainer does, in the background: the result does not
-        wait for the disk (the array is never changed afterwards). One save at a time, in order."""
+        """Save the local model as NVFlare's NPTrainer does. A large one is written in the background,
+        so the result does not wait for the disk (the array is never changed afterwards); a small one
+        at once (cheaper than a thread). One save at a time, in order."""
         self.wait_saved()
 
         def save() -> None:
@@ -74,6 +78,9 @@ class NPTrainer(Executor):
             except OSError as e:  # NVFlare only logs a failed local save
                 ctx.log.warning("could not save the local model: %s", e)
 
+        if arr.nbytes < BACKGROUND_SAVE_BYTES:
+            save()
+            return
         self._saving = threading.Thread(target=save, name="local-save", daemon=True)
         self._saving.start()
 

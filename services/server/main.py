@@ -482,15 +482,10 @@ class ServerService:
 
             self.bus.send(self.names.events, rk, save, headers=headers, on_done=saved_or_not)
             return
-        # Other rounds do not wait for the disk: the persistor saves in order meanwhile, and a restarted
-        # server resumes from whatever round was saved last. A small commit goes first (the persistor
-        # can let its aggregate go sooner); a whole model goes after the next round's task.
-        if isinstance(save, ModelCommit):
-            self.bus.send(self.names.events, rk, save, headers=headers)
-            self._advance(run)
-        else:
-            self._advance(run)
-            self.bus.send(self.names.events, rk, save, headers=headers)
+        # Other rounds do not wait for the disk: the next round's task goes first, the persistor saves in
+        # order meanwhile, and a restarted server resumes from whatever round was saved last.
+        self._advance(run)
+        self.bus.send(self.names.events, rk, save, headers=headers)
 
     def on_loaded(self, run: Run, m: ModelLoaded) -> None:
         if run.phase != "loading":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.client.api import RC_BAD_TASK_DATA, RC_TASK_UNKNOWN, TaskContext, TaskError
-from services.client.trainer import NPTrainer
+from services.client.trainer import BACKGROUND_SAVE_BYTES, NPTrainer
 from services.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS
 
 
@@ -17,10 +17,12 @@ def ctx(tmp_path: Path) -> TaskContext:
     return TaskContext("site-1", "job", 0, 2, "train", tmp_path)
 
 
-def test_train_adds_delta_and_saves_the_local_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("n", [9, 600_000], ids=["small: saved at once", "large: saved in the background"])
+def test_train_adds_delta_and_saves_the_local_model(tmp_path: Path, n: int) -> None:
     t = NPTrainer(delta=2)
-    w = np.arange(9, dtype=np.float32).reshape(3, 3)
+    w = np.arange(n, dtype=np.float32).reshape(3, -1)
     out = t.execute("train", DXO(WEIGHTS, {"numpy_key": w}), ctx(tmp_path))
+    assert (t._saving is not None) == (w.nbytes >= BACKGROUND_SAVE_BYTES)
     np.testing.assert_array_equal(out.data["numpy_key"], w + 2)
     assert out.data["numpy_key"].dtype == np.float32
     t.wait_saved()
