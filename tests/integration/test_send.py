@@ -137,6 +137,7 @@ def test_a_send_cut_off_by_a_lost_connection_is_sent_again_whole(small_chunks: S
         assert len(got) == 1 and direct.dead_lettered == 0  # the first try's parts were folded in, not left over
         assert direct.channel.queue_declare(f"{small_chunks.prefix}.send.a", passive=True).method.message_count == 0
     finally:
+        delete_topology(direct, topo(small_chunks.prefix))
         bus.close()
         direct.close()
         proxy.close()
