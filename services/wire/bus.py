@@ -257,12 +257,16 @@ class Bus:
     def close(self, flush_s: float = 10.0) -> None:
         """Close the connection (pending unacked deliveries are requeued by the broker), after up to
         flush_s seconds for unconfirmed sends to be confirmed."""
-        if self._sends and self._conn is not None:
-            try:
-                if not self.flush_sends(flush_s):
-                    log.warning("closing with %d send(s) unconfirmed", len(self._sends))
+        deadline = time.monotonic() + flush_s
+        while self._sends and time.monotonic() < deadline and self._conn is not None and self._conn.is_open:
+            try:  # no reconnecting here: a service that stops must not wait for a broker that is gone
+                self._pump()
+                self._conn.process_data_events(time_limit=0.05)
             except Exception as e:  # closing anyway
                 log.warning("closing: sends not flushed (%s)", e)
+                break
+        if self._sends:
+            log.warning("closing with %d send(s) unconfirmed", len(self._sends))
         self._drop()
 
     @property

@@ -162,3 +162,23 @@ def test_the_bus_reads_the_socket_in_large_pieces(bus: Bus) -> None:
     assert RECV_BYTES >= 128 * 1024 and _AsyncTransportBase._MAX_RECV_BYTES == RECV_BYTES
     transport = bus._conn._impl._transport  # the live connection's transport uses it
     assert transport._MAX_RECV_BYTES == RECV_BYTES
+
+
+def test_close_does_not_wait_for_a_broker_that_is_gone(small_chunks: Settings, amqp_url: str) -> None:
+    url = urlsplit(amqp_url)
+    proxy = Proxy(url.port or 5672)
+    via = replace(small_chunks, amqp_url=urlunsplit(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:"
+                                                                         f"{proxy.port}")))
+    b = Bus(via, "test-send-gone", connect_timeout_s=30).connect()
+    try:
+        b.declare(topo(small_chunks.prefix))
+        b.send(f"{small_chunks.prefix}.send", "a", save(0, 4_000_000))
+        proxy.close()  # the broker is gone: the link is reset and nothing listens any more
+        t0 = time.monotonic()
+        b.close(flush_s=10.0)
+        assert time.monotonic() - t0 < 5  # no reconnecting (30 s allowed) just to flush on the way out
+    finally:
+        proxy.close()
+        cleanup = Bus(small_chunks, "test-send-cleanup", connect_timeout_s=5).connect()
+        delete_topology(cleanup, topo(small_chunks.prefix))
+        cleanup.close()
