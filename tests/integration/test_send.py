@@ -113,11 +113,16 @@ def test_unroutable_and_refused_sends_report_why_and_later_sends_still_go(bus: B
     assert method is not None and props.type == "model.save"
 
 
-def test_a_send_cut_off_by_a_lost_connection_is_sent_again_whole(small_chunks: Settings, amqp_url: str) -> None:
+def through_proxy(settings: Settings, amqp_url: str) -> tuple[Proxy, Settings]:
+    """A TCP proxy to the broker, and settings that connect through it."""
     url = urlsplit(amqp_url)
     proxy = Proxy(url.port or 5672)
-    via = replace(small_chunks, amqp_url=urlunsplit(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:"
-                                                                         f"{proxy.port}")))
+    netloc = f"{url.username}:{url.password}@127.0.0.1:{proxy.port}"
+    return proxy, replace(settings, amqp_url=urlunsplit(url._replace(netloc=netloc)))
+
+
+def test_a_send_cut_off_by_a_lost_connection_is_sent_again_whole(small_chunks: Settings, amqp_url: str) -> None:
+    proxy, via = through_proxy(small_chunks, amqp_url)
     bus = Bus(via, "test-send-cut", connect_timeout_s=10).connect()
     direct = Bus(small_chunks, "test-send-reader", connect_timeout_s=5).connect()
     try:
@@ -165,10 +170,7 @@ def test_the_bus_reads_the_socket_in_large_pieces(bus: Bus) -> None:
 
 
 def test_close_does_not_wait_for_a_broker_that_is_gone(small_chunks: Settings, amqp_url: str) -> None:
-    url = urlsplit(amqp_url)
-    proxy = Proxy(url.port or 5672)
-    via = replace(small_chunks, amqp_url=urlunsplit(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:"
-                                                                         f"{proxy.port}")))
+    proxy, via = through_proxy(small_chunks, amqp_url)
     b = Bus(via, "test-send-gone", connect_timeout_s=30).connect()
     try:
         b.declare(topo(small_chunks.prefix))
