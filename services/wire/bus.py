@@ -105,6 +105,14 @@ class _Consumer:
 Done = Callable[[SagmqError | None], None]
 
 
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """What _encode makes of a message: its (body, properties), made on demand; parts if a blob."""
+
+    bodies: Callable[[], Iterator[tuple[bytes, pika.BasicProperties]]]
+    parts: bool
+
+
 @dataclass(slots=True)
 class _Send:
     """One message handed to send(): its parts are made lazily and published as the window allows."""
@@ -343,26 +351,42 @@ class Bus:
         restart: the broker confirms them without a disk write. An advisory message (heartbeats,
         verdicts, round.open/close) goes transient and unconfirmed on a channel of its own, so it
         never waits: its receiver copes with loss and with it overtaking confirmed messages."""
+        encoded = self._encode(msg, headers, cc, reply_to, correlation_id, expiration_s,
+                               persistent and not advisory)
+        if advisory and not encoded.parts:
+            body, props = next(encoded.bodies())
+            self._publish_advisory(exchange, routing_key, body, props)
+            return
+        for body, props in encoded.bodies():
+            self.publish_raw(exchange, routing_key, body, props, mandatory)
+
+    def _encode(self, msg: Message, headers: dict[str, Any] | None, cc: list[str] | None,
+                reply_to: str | None = None, correlation_id: str | None = None,
+                expiration_s: float | None = None, persistent: bool = True) -> _Encoded:
+        """A message as the (body, properties) it travels as: one, or the parts of a blob, made one
+        at a time and with the same ids each time they are made (a resend repeats them)."""
         wire = msg.to_wire()
         h = dict(headers or {})
         if cc:
             h["CC"] = list(cc)
-        if bulk_bytes(msg, wire) > self.settings.chunk_bytes:
-            for part in split(wire, self.settings.chunk_bytes):
-                props = self.properties(msg.TYPE, {**h, **part.headers}, reply_to, correlation_id, expiration_s,
-                                        persistent)
-                self.publish_raw(exchange, routing_key, part.body, props, mandatory)
-            return
+        chunk = self.settings.chunk_bytes
+        if bulk_bytes(msg, wire) > chunk:
+            blob = uuid.uuid4().hex
+
+            def parts() -> Iterator[tuple[bytes, pika.BasicProperties]]:
+                for part in split(wire, chunk, blob):
+                    yield part.body, self.properties(msg.TYPE, {**h, **part.headers}, reply_to, correlation_id,
+                                                     expiration_s, persistent,
+                                                     message_id=f"{blob}-{part.headers[H_PART]}")
+
+            return _Encoded(parts, True)
         body = pack(wire)
         if len(body) > self.settings.max_body_bytes:
             raise SagmqError(
                 f"{msg.TYPE} message of {len(body)} bytes exceeds SAGMQ_MAX_BODY_BYTES={self.settings.max_body_bytes}"
             )
-        if advisory:
-            self._publish_advisory(exchange, routing_key, body, self.properties(msg.TYPE, h, persistent=False))
-            return
         props = self.properties(msg.TYPE, h, reply_to, correlation_id, expiration_s, persistent)
-        self.publish_raw(exchange, routing_key, body, props, mandatory)
+        return _Encoded(lambda: iter(((body, props),)), False)
 
     def _publish_advisory(self, exchange: str, routing_key: str, body: bytes, props: pika.BasicProperties) -> None:
         for attempt in (1, 2):
@@ -423,31 +447,9 @@ class Bus:
         on_done(error) if the broker refused or could not route it, runs on this bus's thread once
         every part is confirmed. After a lost connection, whatever was not confirmed is sent again
         from its first part (receivers drop duplicate parts and duplicate messages)."""
-        wire = msg.to_wire()
-        h = dict(headers or {})
-        if cc:
-            h["CC"] = list(cc)
-        chunk = self.settings.chunk_bytes
+        encoded = self._encode(msg, headers, cc, expiration_s=expiration_s)
         what = f"{msg.TYPE} to {exchange!r} ({routing_key!r})"
-        make: Callable[[], Iterator[tuple[bytes, pika.BasicProperties]]]
-        if bulk_bytes(msg, wire) > chunk:
-            blob = uuid.uuid4().hex
-
-            def make() -> Iterator[tuple[bytes, pika.BasicProperties]]:
-                for part in split(wire, chunk, blob):
-                    yield part.body, self.properties(msg.TYPE, {**h, **part.headers}, expiration_s=expiration_s,
-                                                     message_id=f"{blob}-{part.headers[H_PART]}")
-        else:
-            body = pack(wire)
-            if len(body) > self.settings.max_body_bytes:
-                raise SagmqError(f"{msg.TYPE} message of {len(body)} bytes exceeds "
-                                 f"SAGMQ_MAX_BODY_BYTES={self.settings.max_body_bytes}")
-            props = self.properties(msg.TYPE, h, expiration_s=expiration_s)
-
-            def make() -> Iterator[tuple[bytes, pika.BasicProperties]]:
-                yield body, props
-
-        self._sends.append(_Send(exchange, routing_key, make, True, on_done, what))
+        self._sends.append(_Send(exchange, routing_key, encoded.bodies, True, on_done, what))
         self._pump_safe()
 
     @property
