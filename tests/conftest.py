@@ -18,6 +18,7 @@ from services.cli.admin import AdminClient
 from services.cli.procs import LocalStack
 from services.wire.bus import Bus, delete_topology
 from services.wire.errors import BrokerUnavailable, SagmqError
+from services.wire.jobspec import read_job_folder
 from services.wire.settings import Settings, load_settings
 from services.wire.topology import service_topology, site_topology
 
@@ -93,6 +94,18 @@ class System:
 
     def start_client(self, site: str, *extra: str, env: dict[str, str] | None = None) -> Any:
         return self.stack.start(site, "client", "--site", site, *extra, env=env)
+
+    def start_all(self, sites: list[str], *extra: str) -> None:
+        """The core services and these sites, once every site is connected."""
+        self.start_core()
+        for s in sites:
+            self.start_client(s, *extra)
+        self.wait_sites(sites)
+
+    def launch(self, job: Path, sites: list[str], *extra: str) -> str:
+        """start_all, then submit the job folder; its id."""
+        self.start_all(sites, *extra)
+        return self.admin.submit(read_job_folder(job))
 
     def alive_sites(self) -> set[str]:
         try:

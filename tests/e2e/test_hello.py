@@ -50,10 +50,7 @@ def test_poc_without_broker_says_how_to_start_one(tmp_path: Path) -> None:
 
 
 def test_separate_processes_submit_wait_download(system: System, tmp_path: Path) -> None:
-    system.start_core()
-    for site in ("site-1", "site-2"):
-        system.start_client(site)
-    system.wait_sites(["site-1", "site-2"])
+    system.start_all(["site-1", "site-2"])
     env = {**os.environ, **system.env}
 
     def sagmq(*args: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.wire.jobspec import read_job_folder
 from tests.conftest import System
 from tests.e2e.jobmaker import make_job, np_trainer, server_config
 
@@ -25,11 +24,7 @@ def test_chunked_model_through_all_services(system: System, tmp_path: Path) -> N
     apps = {"site-1": np_trainer(delta=1), "site-2": np_trainer(delta=2), "site-3": np_trainer(delta=4)}
     job = make_job(tmp_path, "large", server, apps, min_clients=3)
     system.env["SAGMQ_CHUNK_BYTES"] = str(64 * 1024)
-    system.start_core()
-    for s in apps:
-        system.start_client(s)
-    system.wait_sites(list(apps))
-    st = system.wait_job(system.admin.submit(read_job_folder(job)), 90)
+    st = system.wait_job(system.launch(job, list(apps)), 90)
     assert st["status"] == "finished", st
     files = system.admin.download(st["job_id"])
     final = np.load(io.BytesIO(files["models/server.npy"]))

@@ -22,12 +22,7 @@ BASE = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=np.float32)
 
 def run_job(system: System, job: Path, sites: list[str], extra: tuple[str, ...] = (),
             timeout: float = 60) -> dict:
-    system.start_core()
-    for s in sites:
-        system.start_client(s, *extra)
-    system.wait_sites(sites)
-    job_id = system.admin.submit(read_job_folder(job))
-    return system.wait_job(job_id, timeout)
+    return system.wait_job(system.launch(job, sites, *extra), timeout)
 
 
 def final_model(system: System, job_id: str) -> np.ndarray:
@@ -129,11 +124,7 @@ def test_duplicate_stale_and_wrong_kind_results_are_rejected(system: System, tmp
     server = server_config({"min_clients": 2, "num_rounds": 2})
     apps = {"site-1": np_trainer(), "site-2": np_trainer(sleep_time=2)}
     job = make_job(tmp_path, "hostile", server, apps, min_clients=2)
-    system.start_core()
-    for s in apps:
-        system.start_client(s)
-    system.wait_sites(list(apps))
-    job_id = system.admin.submit(read_job_folder(job))
+    job_id = system.launch(job, list(apps))
 
     def round1_has_site1() -> bool:
         st = system.admin.status(job_id)

@@ -71,11 +71,7 @@ def test_broker_restart_mid_job(system: System, node: RabbitNode, tmp_path: Path
     server = server_config({"min_clients": 2, "num_rounds": 4})
     apps = {"site-1": np_trainer(sleep_time=1), "site-2": np_trainer(sleep_time=1)}
     job = make_job(tmp_path, "restart", server, apps, min_clients=2)
-    system.start_core()
-    for s in apps:
-        system.start_client(s)
-    system.wait_sites(list(apps))
-    job_id = system.admin.submit(read_job_folder(job))
+    job_id = system.launch(job, list(apps))
     poll(lambda: len(system.admin.status(job_id)["history"]) >= 1 and
          system.admin.status(job_id).get("phase") == "training", 30, "round 1 under way")
     node.restart()  # every connection drops; durable queues and persistent messages come back
@@ -119,11 +115,7 @@ def test_round_longer_than_consumer_timeout_completes(system: System, tmp_path: 
     server = server_config({"min_clients": 2, "num_rounds": 1})
     apps = {"site-1": np_trainer(), "site-2": np_trainer(sleep_time=130)}
     job = make_job(tmp_path, "long", server, apps, min_clients=2)
-    system.start_core()
-    for s in apps:
-        system.start_client(s)
-    system.wait_sites(list(apps))
-    job_id = system.admin.submit(read_job_folder(job))
+    job_id = system.launch(job, list(apps))
     st = poll(lambda: ended(system, job_id), 240, "the long round to end")
     assert st["status"] == "finished", f"{st['reason']}\n{system.logs()}"
     assert sorted(st["history"][0]["aggregated"]) == ["site-1", "site-2"]

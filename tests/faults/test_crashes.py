@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.wire.jobspec import read_job_folder
 from tests.conftest import System, wait_for
 from tests.e2e.jobmaker import make_job, np_trainer, server_config
 
@@ -28,18 +27,10 @@ def rounds_once(st: dict, n: int) -> None:
     assert [h["round"] for h in st["history"]] == list(range(n)), st["history"]
 
 
-def start(system: System, job: Path, sites: list[str]) -> str:
-    system.start_core()
-    for s in sites:
-        system.start_client(s)
-    system.wait_sites(sites)
-    return system.admin.submit(read_job_folder(job))
-
-
 def test_client_killed_mid_round_rejoins_next_round(system: System, tmp_path: Path) -> None:
     server = server_config({"min_clients": 1, "num_rounds": 3, "wait_time_after_min_received": 4})
     apps = {"site-1": np_trainer(), "site-2": np_trainer(sleep_time=2)}
-    job_id = start(system, make_job(tmp_path, "clientkill", server, apps, min_clients=2), list(apps))
+    job_id = system.launch(make_job(tmp_path, "clientkill", server, apps, min_clients=2), list(apps))
     wait_for(lambda: system.admin.status(job_id).get("phase") == "training", 20, "round 0 to start")
     system.stack.kill(proc(system, "site-2"))  # mid-training: its task is lost with it
     system.start_client("site-2")
@@ -57,7 +48,7 @@ def test_aggregator_killed_mid_round_rebuilds_from_redelivered_results(system: S
                                                                                      "site-3": 1}})
     apps = {"site-1": np_trainer(delta=1), "site-2": np_trainer(delta=5), "site-3": np_trainer(delta=3,
                                                                                               sleep_time=3)}
-    job_id = start(system, make_job(tmp_path, "aggkill", server, apps, min_clients=3), list(apps))
+    job_id = system.launch(make_job(tmp_path, "aggkill", server, apps, min_clients=3), list(apps))
 
     def two_accepted_in_round_1() -> bool:
         st = system.admin.status(job_id)
@@ -77,7 +68,7 @@ def test_aggregator_killed_mid_round_rebuilds_from_redelivered_results(system: S
 def test_server_killed_mid_job_resumes_from_last_saved_round(system: System, tmp_path: Path) -> None:
     server = server_config({"min_clients": 2, "num_rounds": 4})
     apps = {"site-1": np_trainer(sleep_time=1), "site-2": np_trainer(sleep_time=1)}
-    job_id = start(system, make_job(tmp_path, "serverkill", server, apps, min_clients=2), list(apps))
+    job_id = system.launch(make_job(tmp_path, "serverkill", server, apps, min_clients=2), list(apps))
     wait_for(lambda: len(system.admin.status(job_id)["history"]) >= 2, 30, "two rounds done")
     system.stack.kill(proc(system, "server"))
     system.stack.start("server", "server")
@@ -95,7 +86,7 @@ def test_server_killed_mid_job_resumes_from_last_saved_round(system: System, tmp
 def test_persistor_killed_mid_job_saves_are_redelivered(system: System, tmp_path: Path) -> None:
     server = server_config({"min_clients": 2, "num_rounds": 4})
     apps = {"site-1": np_trainer(sleep_time=0.7), "site-2": np_trainer(sleep_time=0.7)}
-    job_id = start(system, make_job(tmp_path, "persistorkill", server, apps, min_clients=2), list(apps))
+    job_id = system.launch(make_job(tmp_path, "persistorkill", server, apps, min_clients=2), list(apps))
     wait_for(lambda: len(system.admin.status(job_id)["history"]) >= 1, 30, "round 0 done")
     system.stack.kill(proc(system, "persistor"))
     wait_for(lambda: system.admin.status(job_id).get("phase") == "saving", 30, "a save with no persistor")
