@@ -38,7 +38,7 @@ from services.wire.messages import (
     from_wire,
 )
 from services.wire.settings import Settings
-from services.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE
+from services.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, rk_aggregate
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class OpenRound:
     streams: dict[str, Stream] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)  # targets whose result was accepted or refused
     persist: bool = False  # the aggregate goes to the persistor too
+    forward: bool = False  # the aggregate goes to the accepted sites too (their next model)
 
     def all_answered(self) -> bool:
         return self.answered >= self.acc.targets
@@ -105,7 +106,7 @@ class AggregatorService:
         self.early: list[Early] = []
         self.refused: dict[str, float] = {}  # blobs already turned away: their remaining parts are dropped
         self.pending: dict[str, float] = {}  # blobs whose round.open has not come yet: since when
-        self.retries: list[tuple[float, str, RoundAggregated, list[Delivery]]] = []  # refused aggregates
+        self.retries: list[tuple[float, str, RoundAggregated, list[Delivery], list[str]]] = []  # refused aggregates
         self.refused_aggregates = 0
         bus.on_reconnect.append(self.forget_unacked)
 
@@ -134,8 +135,8 @@ class AggregatorService:
         now = time.monotonic()
         due = [r for r in self.retries if r[0] <= now]
         self.retries = [r for r in self.retries if r[0] > now]
-        for _, rk, agg, held in due:
-            self._send_aggregate(rk, agg, held)
+        for _, rk, agg, held, cc in due:
+            self._send_aggregate(rk, agg, held, cc)
         for cur in list(self.open.values()):
             for st in list(cur.streams.values()):
                 if now - st.last_seen > self.s.chunk_timeout_s:
@@ -189,7 +190,7 @@ class AggregatorService:
         spec = {k: VarSpec(m.var_dtypes[k], tuple(m.var_shapes[k])) for k in m.var_dtypes if k in m.var_shapes}
         cfg = AggregatorConfig(m.expected_data_kind, dict(m.aggregation_weights), m.exclude_vars, m.weigh_by_local_iter)
         rnd = OpenRound(m.job_id, m.round, m.task_id, Accumulator(cfg, frozenset(m.targets), spec), [d],
-                        persist=m.persist)
+                        persist=m.persist, forward=m.forward)
         d.deferred = True
         self.open[m.job_id] = rnd
         self.ended.discard(m.job_id)
@@ -239,11 +240,13 @@ class AggregatorService:
         log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.acc.accepted), m.round,
                  m.job_id, m.reason)
         rk = RK_ROUND_AGGREGATED_SAVE if cur.persist and dxo is not None else RK_ROUND_AGGREGATED
-        self._send_aggregate(rk, agg, cur.held)
+        # one publish: the broker copies the body to the server, the persistor and each site forwarded to
+        cc = [rk_aggregate(s) for s in agg.accepted] if cur.forward and dxo is not None else []
+        self._send_aggregate(rk, agg, cur.held, cc)
         del self.open[m.job_id]
         self.closed[m.job_id] = m.round
 
-    def _send_aggregate(self, rk: str, agg: RoundAggregated, held: list[Delivery]) -> None:
+    def _send_aggregate(self, rk: str, agg: RoundAggregated, held: list[Delivery], cc: list[str]) -> None:
         """Send without waiting (the loop keeps serving while a large aggregate leaves); the round's
         inputs are acked once it is confirmed. One the broker refuses (say, a permission missing)
         is tried again every RETRY_S seconds, the inputs still held, until it goes or the connection
@@ -256,11 +259,11 @@ class AggregatorService:
             elif self.bus.generation == generation:
                 log.error("the aggregate of round %d of job %s was not accepted (%s); trying again in %g s",
                           agg.round, agg.job_id, err, RETRY_S)
-                self.retries.append((time.monotonic() + RETRY_S, rk, agg, held))
+                self.retries.append((time.monotonic() + RETRY_S, rk, agg, held, cc))
                 self.refused_aggregates += 1
 
         self.bus.send(self.bus.names.events, rk, agg, headers={"job_id": agg.job_id, "round": agg.round},
-                      on_done=sent)
+                      cc=cc, on_done=sent)
 
     # --- results ----------------------------------------------------------------------
 

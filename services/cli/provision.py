@@ -45,7 +45,8 @@ because RabbitMQ matches unanchored; "-" means ^$, i.e. nothing):
     <site S>    client.heartbeat                                        -
     server      job.<status>, model.load, model.save, model.commit,     every binding key on P.events
                 round.open, round.close, control.all                    (it declares the bindings)
-    aggregator  round.aggregated, round.aggregated.save, contribution   every binding key on P.events
+    aggregator  round.aggregated, round.aggregated.save, contribution,  every binding key on P.events
+                aggregate.<S> for every site S (CC: the forwarded model)
     persistor   model.loaded, model.saved                               -
     admin       -                                                       -
 
@@ -91,6 +92,7 @@ from services.wire.topology import (
     TOPIC,
     Names,
     Topology,
+    rk_aggregate,
     rk_control,
     rk_job,
     service_topology,
@@ -178,13 +180,15 @@ def server_ops(prefix: str) -> Access:
     return a
 
 
-def aggregator_ops(prefix: str) -> Access:
-    """services/aggregator: declares the service topology, consumes round control and results."""
+def aggregator_ops(prefix: str, sites: Sequence[str] = ()) -> Access:
+    """services/aggregator: declares the service topology, consumes round control and results, and
+    forwards aggregates to sites (CC aggregate.<site>; RabbitMQ 4 checks topic permissions on CC keys)."""
     n, a = Names(prefix), _new_access(prefix)
     a.declare(service_topology(prefix))
     a.consume(n.aggregator_queue)
     a.consume(n.results_queue)
-    a.publish(n.events, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, RK_CONTRIBUTION)
+    a.publish(n.events, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, RK_CONTRIBUTION,
+              *(rk_aggregate(s) for s in sites))
     a.publish(n.dead)
     return a
 
@@ -212,7 +216,7 @@ def admin_ops(prefix: str) -> Access:
 def user_access(prefix: str, sites: Sequence[str]) -> dict[str, Access]:
     """Every provisioned user and what it needs."""
     users = {site: site_ops(prefix, site) for site in sites}
-    users.update(server=server_ops(prefix), aggregator=aggregator_ops(prefix), persistor=persistor_ops(prefix),
+    users.update(server=server_ops(prefix), aggregator=aggregator_ops(prefix, sites), persistor=persistor_ops(prefix),
                  admin=admin_ops(prefix))
     return users
 

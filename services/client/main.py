@@ -9,6 +9,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from services.client.api import TaskContext, TaskError
@@ -16,12 +17,14 @@ from services.client.apps import App, deploy
 from services.wire.bus import Bus, Delivery
 from services.wire.errors import Rejected, SagmqError
 from services.wire.lifecycle import serve
+from services.wire.codec import DXO, WEIGHTS
 from services.wire.messages import (
     RC_EXECUTION_EXCEPTION,
     RC_OK,
     RC_TASK_UNKNOWN,
     ClientHeartbeat,
     Control,
+    RoundAggregated,
     TaskResult,
     TrainTask,
 )
@@ -47,6 +50,14 @@ class ClientState:
     aborted_jobs: set[str] = field(default_factory=set)
 
 
+@dataclass(slots=True)
+class _Forwarded:
+    """An aggregate the aggregator forwarded as this site's next model, held unacked until a task names it."""
+
+    delivery: Delivery
+    agg: RoundAggregated
+
+
 class ClientService:
     """Receives tasks, runs them in a worker thread, publishes results."""
 
@@ -61,6 +72,11 @@ class ClientService:
         self.workspace = settings.workspace / self.site
         self._hello = True
         self._next_beat = 0.0
+        # I/O thread only: forwarded models by job, tasks waiting for theirs, ids of tasks already queued
+        self.forwarded: dict[str, _Forwarded] = {}
+        self.waiting: dict[str, TrainTask] = {}
+        self.seen_tasks: deque[str] = deque(maxlen=32)
+        bus.on_reconnect.append(self.forwarded.clear)  # held deliveries come again on the new channel
         self.worker = threading.Thread(target=self._worker, name="trainer", daemon=True)
 
     def start(self) -> None:
@@ -104,12 +120,18 @@ class ClientService:
         if now < self._next_beat:
             return
         self._next_beat = now + self.s.heartbeat_s
+        self.beat()
+
+    def beat(self) -> None:
+        """A heartbeat; it names a task waiting for a forwarded model, so the server sends it whole."""
         with self.state.lock:
             cur = self.state.current
+        missing = next(iter(self.waiting.values())).task_id if self.waiting else ""
         hb = ClientHeartbeat(
             site=self.site, hello=self._hello, host=socket.gethostname(), pid=os.getpid(),
             allow_custom_code=self.s.allow_custom_code,
             busy_job=cur.task.job_id if cur else "", busy_round=cur.task.round if cur else -1,
+            missing_model=missing,
         )
         self.bus.publish(self.bus.names.events, RK_HEARTBEAT, hb, headers={"site": self.site}, advisory=True)
         self._hello = False
@@ -123,9 +145,63 @@ class ClientService:
             task = d.message(TrainTask, limit)
             if self.site not in task.targets:
                 raise Rejected(f"task {task.task_id} of job {task.job_id} is not addressed to site {self.site}")
-            self.on_task(task)
+            self.on_train_task(task)
+        elif d.msg_type == RoundAggregated.TYPE:
+            self.on_forwarded(d)
         else:
-            raise Rejected(f"a site queue takes task and control messages, not {d.msg_type!r}")
+            raise Rejected(f"a site queue takes task, control and forwarded aggregate messages, not {d.msg_type!r}")
+
+    def on_train_task(self, task: TrainTask) -> None:
+        """A task carrying its model, or naming the forwarded aggregate that is its model."""
+        if task.task_id in self.seen_tasks:
+            log.info("task %s of round %d of job %s is here already; ignoring this copy", task.task_id, task.round,
+                     task.job_id)
+            return
+        job = task.job_id
+        if task.model_from:
+            fwd = self.forwarded.get(job)
+            if fwd is None or fwd.agg.task_id != task.model_from:
+                self.waiting[job] = task
+                log.warning("task of round %d of job %s names the aggregate of task %s, which this site does not "
+                            "have: asking the server for the whole task", task.round, job, task.model_from)
+                self.beat()
+                return
+            del self.forwarded[job]
+            self.bus.ack(fwd.delivery)
+            assert fwd.agg.dxo is not None
+            task = replace(task, dxo=DXO(WEIGHTS, fwd.agg.dxo.data, task.dxo.meta))
+        else:
+            old = self.forwarded.pop(job, None)
+            if old is not None:  # a task that carries its model: a held aggregate is of no further use
+                self.bus.ack(old.delivery)
+        self.waiting.pop(job, None)
+        self.seen_tasks.append(task.task_id)
+        self.on_task(task)
+
+    def on_forwarded(self, d: Delivery) -> None:
+        """The aggregate of a round this site took part in, forwarded by the aggregator: the model of the
+        job's next task, which will name it. Held unacked until then (a newer one replaces it)."""
+        if d.user_id not in (self.s.amqp_user, self.s.aggregator_user):
+            raise Rejected(f"spoofed sender: user {d.user_id!r} forwarded an aggregate (only the aggregator's user "
+                           f"{self.s.aggregator_user!r} may)")
+        agg = d.message(RoundAggregated, self.s.max_body_bytes)
+        if self.site not in agg.accepted:
+            raise Rejected(f"aggregate of round {agg.round} of job {agg.job_id} forwarded to {self.site}, "
+                           f"which is not among its contributors")
+        if agg.dxo is None or agg.dxo.kind != WEIGHTS or not agg.task_id:
+            raise Rejected(f"forwarded aggregate of round {agg.round} of job {agg.job_id} carries no WEIGHTS "
+                           f"or no task id")
+        if agg.job_id in self.state.aborted_jobs:
+            return
+        old = self.forwarded.pop(agg.job_id, None)
+        if old is not None:
+            self.bus.ack(old.delivery)
+        d.deferred = True
+        self.forwarded[agg.job_id] = _Forwarded(d, agg)
+        log.info("aggregate of round %d of job %s held as the next model", agg.round, agg.job_id)
+        task = self.waiting.get(agg.job_id)
+        if task is not None and task.model_from == agg.task_id:
+            self.on_train_task(task)
 
     def on_task(self, task: TrainTask) -> None:
         """Queue a task; a newer round of the same job supersedes the one running."""
@@ -146,6 +222,10 @@ class ClientService:
                 cur = self.state.current
                 if cur and cur.task.job_id == c.job_id:
                     cur.ctx.abort.set()
+            self.waiting.pop(c.job_id, None)
+            fwd = self.forwarded.pop(c.job_id, None)
+            if fwd is not None:
+                self.bus.ack(fwd.delivery)
             log.info("job %s aborted by the server", c.job_id)
         elif c.command == "shutdown":
             log.info("shutdown requested by the server")

@@ -106,6 +106,9 @@ class Run:
     round_open: RoundOpen | None = None
     round_close: RoundClose | None = None
     history_sent: int = 0  # job.history[:history_sent] went to the persistor already
+    # (task id, sites): the aggregate of that task, which is the model now, sits in these sites' queues
+    forwarded: tuple[str, frozenset[str]] = ("", frozenset())
+    resent: dict[str, float] = field(default_factory=dict)  # site -> when it last got the whole task again
 
 
 class ServerService:
@@ -293,26 +296,59 @@ class ServerService:
         w = run.weights
         # an aggregate of WEIGHTS over every variable is the next global model: the persistor takes it
         # straight from the aggregator (the server then only confirms it with model.commit)
-        persist = (spec.persistor is not None and should_persist(sag, r) and agg.expected_data_kind == WEIGHTS
-                   and not agg.exclude_vars)
+        whole = agg.expected_data_kind == WEIGHTS and not agg.exclude_vars
+        persist = spec.persistor is not None and should_persist(sag, r) and whole
+        # a large model that the aggregate will replace whole goes to the sites with the aggregate itself
+        # (one trip through the broker instead of two: aggregator -> server, then server -> sites)
+        forward = (whole and r < sag.start_round + sag.num_rounds - 1
+                   and sum(v.nbytes for v in w.values()) >= self.s.forward_min_bytes)
         run.round_open = RoundOpen(
             job.job_id, r, run.task_id, targets, agg.expected_data_kind, agg.aggregation_weights,
             {k: v.dtype.str for k, v in w.items()}, {k: list(v.shape) for k, v in w.items()},
-            agg.exclude_vars, agg.weigh_by_local_iter, persist,
+            agg.exclude_vars, agg.weigh_by_local_iter, persist, forward,
         )
         run.round_close = None
+        run.resent = {}
         self._send_round_control(run)
-        task = TrainTask(
-            job.job_id, r, sag.num_rounds, sag.start_round, sag.train_task_name, run.task_id, targets,
-            DXO(WEIGHTS, w, {"current_round": r, "num_rounds": sag.num_rounds}),
-            spec.deploy_map, spec.client_apps(),
-        )
+        prev, holders = run.forwarded
+        run.forwarded = ("", frozenset())
+        by_ref = [t for t in targets if t in holders]
+        whole_to = [t for t in targets if t not in holders]
+        if by_ref:  # these sites have the model in their queue already: the task only names it
+            self._send_task(run, by_ref, DXO(WEIGHTS, {}, self._task_meta(run)), prev)
+        if whole_to:
+            self._send_task(run, whole_to, DXO(WEIGHTS, w, self._task_meta(run)))
+        log.info("Round %d of job %s started: task %s sent to %s%s", r, job.job_id, sag.train_task_name,
+                 ", ".join(targets), f" (model forwarded with the aggregate to {', '.join(by_ref)})" if by_ref else "")
+
+    @staticmethod
+    def _task_meta(run: Run) -> dict[str, Any]:
+        return {"current_round": run.job.current_round, "num_rounds": run.spec.sag.num_rounds}
+
+    def _send_task(self, run: Run, sites: list[str], dxo: DXO, model_from: str = "") -> None:
+        """The round's task to these sites, one publish fanned out by the broker (CC)."""
+        job, spec, sag = run.job, run.spec, run.spec.sag
+        r = job.current_round
+        assert r is not None and run.machine is not None
+        task = TrainTask(job.job_id, r, sag.num_rounds, sag.start_round, sag.train_task_name, run.task_id,
+                         list(run.machine.targets), dxo, spec.deploy_map, spec.client_apps(), model_from)
         # not waiting for the broker: the loop keeps serving while a large task leaves
-        self.bus.send(self.names.tasks, targets[0], task, cc=targets[1:],
-                      headers={"job_id": job.job_id, "round": r},
-                      expiration_s=sag.train_timeout or None, on_done=self._task_sent(job.job_id, r, targets))
-        log.info("Round %d of job %s started: task %s sent to %s", r, job.job_id, sag.train_task_name,
-                 ", ".join(targets))
+        self.bus.send(self.names.tasks, sites[0], task, cc=sites[1:], headers={"job_id": job.job_id, "round": r},
+                      expiration_s=sag.train_timeout or None, on_done=self._task_sent(job.job_id, r, sites))
+
+    def on_missing_model(self, site: str, task_id: str) -> None:
+        """A site got a task naming a forwarded model it does not have: send it the whole task."""
+        run = self.run_
+        if (run is None or run.phase != "training" or task_id != run.task_id or run.machine is None
+                or site not in run.machine.targets or site in run.record.get("accepted", ())):
+            return
+        now = time.monotonic()
+        if now - run.resent.get(site, -1e9) < max(2.0, 2 * self.s.heartbeat_s):
+            return  # sent just now; it is on its way
+        run.resent[site] = now
+        log.info("site %s lacks the forwarded model of round %s of job %s: sending it the whole task", site,
+                 run.job.current_round, run.job.job_id)
+        self._send_task(run, [site], DXO(WEIGHTS, run.weights, self._task_meta(run)))
 
     def _task_sent(self, job_id: str, r: int, targets: list[str]) -> Callable[[SagmqError | None], None]:
         def done(err: SagmqError | None) -> None:
@@ -381,6 +417,8 @@ class ServerService:
             if d.user_id != self.s.amqp_user and d.user_id != hb.site:
                 raise Rejected(f"spoofed sender: user {d.user_id!r} sent a heartbeat for site {hb.site!r}")
             self.on_heartbeat(hb)
+            if hb.missing_model:
+                self.on_missing_model(hb.site, hb.missing_model)
             return
         handlers = {
             Contribution.TYPE: (Contribution, self.on_contribution),
@@ -391,6 +429,9 @@ class ServerService:
         if t not in handlers:
             raise Rejected(f"the server queue does not take {t!r} messages")
         cls, fn = handlers[t]
+        if t == RoundAggregated.TYPE and d.user_id not in (self.s.amqp_user, self.s.aggregator_user):
+            raise Rejected(f"spoofed sender: user {d.user_id!r} sent an aggregate (only the aggregator's user "
+                           f"{self.s.aggregator_user!r} may)")
         msg = d.message(cls, limit)
         run = self.run_
         if run is None or run.job.job_id != msg.job_id:  # type: ignore[attr-defined]
@@ -455,6 +496,9 @@ class ServerService:
         except SagmqError as e:
             self._end(job, FAILED, f"round {m.round}: {e}")
             return
+        same = m.dxo is not None and m.dxo.kind == WEIGHTS and set(m.dxo.data) == set(run.weights)
+        if run.round_open is not None and run.round_open.forward and m.task_id == run.task_id and same:
+            run.forwarded = (m.task_id, frozenset(m.accepted))  # the aggregator sent them this model
         job.history.append(run.record)
         run.record = {}
         log.info("Round %d of job %s finished with %d contribution(s)", m.round, job.job_id, len(m.accepted))
@@ -465,8 +509,7 @@ class ServerService:
         history = job.history[run.history_sent:]
         run.history_sent = len(job.history)
         save: ModelSave | ModelCommit
-        if (run.round_open is not None and run.round_open.persist and m.task_id == run.task_id
-                and m.dxo is not None and m.dxo.kind == WEIGHTS and set(m.dxo.data) == set(run.weights)):
+        if run.round_open is not None and run.round_open.persist and m.task_id == run.task_id and same:
             # the new global model is the aggregate, which the persistor got too: it saves that
             save, rk = ModelCommit(job.job_id, m.round, m.task_id, p.model_dir, p.model_name, history), RK_MODEL_COMMIT
         else:

@@ -183,6 +183,9 @@ class TrainTask(Message):
     dxo: DXO
     deploy_map: dict[str, list[str]]
     apps: dict[str, Files]
+    # non-empty: dxo.data is empty and the model is the aggregate of the task with this id, which the
+    # aggregator forwarded to the site's queue (a site that lacks it asks for the whole task)
+    model_from: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +219,7 @@ class RoundOpen(Message):
     exclude_vars: str = ""
     weigh_by_local_iter: bool = True
     persist: bool = False  # route the aggregate to the persistor too: it becomes the saved model
+    forward: bool = False  # route the aggregate to the accepted sites too: it is their next model
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +353,7 @@ class ClientHeartbeat(Message):
     allow_custom_code: bool
     busy_job: str = ""
     busy_round: int = -1
+    missing_model: str = ""  # id of a task whose forwarded model this site lacks: send it whole
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,8 @@ class Settings:
     chunk_bytes: int = 16 * 2**20
     max_model_bytes: int = 4 * 2**30
     chunk_timeout_s: float = 60.0
+    forward_min_bytes: int = 2**20
+    aggregator_user: str = "aggregator"
     amqp_heartbeat_s: int = 30
     tls_ca_file: str = ""
     tls_cert_file: str = ""
@@ -120,6 +122,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         chunk_bytes=chunk,
         max_model_bytes=int(_float(env, "SAGMQ_MAX_MODEL_BYTES", 4 * 2**30, 1)),
         chunk_timeout_s=_float(env, "SAGMQ_CHUNK_TIMEOUT_S", 60.0, 0.1),
+        forward_min_bytes=int(_float(env, "SAGMQ_FORWARD_MIN_BYTES", 2**20, 0)),
+        aggregator_user=env.get("SAGMQ_AGGREGATOR_USER") or "aggregator",
         prefix=prefix,
         workspace=Path(env.get("SAGMQ_WORKSPACE") or "workspace"),
         site=site,

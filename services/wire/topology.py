@@ -3,6 +3,7 @@
 Who publishes what, and who consumes it::
 
     server ──task (rk=<site>, CC=<other targets>)──▶ P.tasks (direct) ──▶ P.site.<site> ──▶ client
+    aggregator ──round.aggregated, CC aggregate.<site> (forwarded model)──▶ P.events ──▶ P.site.<site>
     server ──control (abort / shutdown)───────────▶ P.tasks           ──▶ P.site.<site> ──▶ client
     client ──result (rk=result)───────────────────▶ P.results (direct) ─▶ P.results ────▶ aggregator
     everyone ─events (topic)──────────────────────▶ P.events
@@ -136,6 +137,11 @@ def rk_job(status: str) -> str:
     return f"job.{status}"
 
 
+def rk_aggregate(site: str) -> str:
+    """Routing key (a CC of round.aggregated) that puts an aggregate in a site's queue."""
+    return f"aggregate.{site}"
+
+
 def rk_control(target: str) -> str:
     """Routing key of a control message for 'aggregator', 'persistor' or 'all'."""
     return f"control.{target}"
@@ -181,12 +187,14 @@ def service_topology(prefix: str) -> Topology:
 
 
 def site_topology(prefix: str, site: str) -> Topology:
-    """A site's own queue, bound to the tasks exchange under its name, and the exchanges it publishes to."""
+    """A site's own queue, bound to the tasks exchange under its name (tasks, control) and to the
+    events exchange as aggregate.<site> (aggregates forwarded as its next model), and the exchanges
+    it publishes to."""
     n = Names(prefix)
     q = n.site_queue(site)
     return Topology(
         exchanges=(Exchange(n.tasks, DIRECT), Exchange(n.results, DIRECT), Exchange(n.events, TOPIC),
                    Exchange(n.dead, FANOUT)),
         queues=(Queue(q, work_queue_arguments(n)),),
-        bindings=(Binding(q, n.tasks, site),),
+        bindings=(Binding(q, n.tasks, site), Binding(q, n.events, rk_aggregate(site))),
     )

@@ -200,6 +200,26 @@ def test_site_topic_permission_on_events(prov: Provisioned, conns: Callable[[str
     prov.purge_all()
 
 
+def test_a_site_cc_into_another_sites_queue_is_refused_or_shows_its_user(
+        prov: Provisioned, conns: Callable[[str], pika.BlockingConnection]) -> None:
+    """RabbitMQ 3.x checks topic permissions on the routing key only, not on CC keys: site-1 can put a
+    heartbeat-keyed message into site-2's queue through site-2's aggregate.<site> binding. The broker
+    still stamps it with site-1's validated user_id, which is what site-2 checks before taking a
+    forwarded aggregate (tests/unit/test_client_forward.py); RabbitMQ 4 refuses the publish."""
+    prov.purge_all()
+    ch = conns("site-1").channel()
+    ch.confirm_delivery()
+    try:
+        ch.basic_publish(N.events, RK_HEARTBEAT, b"x", props("site-1", headers={"CC": ["aggregate.site-2"]}))
+    except px.ChannelClosedByBroker as e:
+        assert e.reply_code == 403 and "aggregate.site-2" in str(e.reply_text)
+        return
+    method, p, _ = conns("site-2").channel().basic_get(N.site_queue("site-2"), auto_ack=True)
+    assert method is not None, "the CC did not route: the binding aggregate.site-2 is missing"
+    assert p.user_id == "site-1"
+    prov.purge_all()
+
+
 # --- services -----------------------------------------------------------------------------------
 
 
@@ -273,7 +293,10 @@ def test_services_run_hello_numpy_sag_with_their_env_files(prov: Provisioned, tm
 
     try:
         for svc in ("persistor", "aggregator", "server"):
-            stack.start(svc, svc, env=prov.env[svc])
+            # the server forwards even this 36-byte model: the aggregator's CC to the sites and the
+            # sites' check of who sent it run under least privilege too
+            stack.start(svc, svc, env={**prov.env[svc], "SAGMQ_FORWARD_MIN_BYTES": "0"} if svc == "server"
+                        else prov.env[svc])
         for site in SITES:
             stack.start(site, "client", env=prov.env[site])  # the site name comes from SAGMQ_SITE
         deadline = time.monotonic() + 60
@@ -307,5 +330,8 @@ def test_services_run_hello_numpy_sag_with_their_env_files(prov: Provisioned, tm
         assert dead[N.dead_queue] == 0, logs()
         for p in stack.procs:
             assert "ACCESS_REFUSED" not in p.tail(100000) and "PRECONDITION_FAILED" not in p.tail(100000), logs()
+        for p in stack.procs:
+            if p.name in SITES:  # rounds 0 and 1 were forwarded; round 2's aggregate is only saved
+                assert p.tail(100000).count("held as the next model") == 2, logs()
     finally:
         stack.stop_all()
