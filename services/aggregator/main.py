@@ -108,6 +108,7 @@ class AggregatorService:
         self.pending: dict[str, float] = {}  # blobs whose round.open has not come yet: since when
         self.retries: list[tuple[float, str, RoundAggregated, list[Delivery], list[str]]] = []  # refused aggregates
         self.refused_aggregates = 0
+        self.accepted_verdicts: list[TaskResult] = []  # published at the next tick if their round is still open
         bus.on_reconnect.append(self.forget_unacked)
 
     def start(self) -> None:
@@ -129,10 +130,12 @@ class AggregatorService:
         self.open.clear()
         self.early.clear()
         self.retries.clear()
+        self.accepted_verdicts.clear()
 
     def tick(self) -> None:
         """Finish closes that waited for redelivered results; refuse early results past the grace."""
         now = time.monotonic()
+        self._flush_verdicts()
         due = [r for r in self.retries if r[0] <= now]
         self.retries = [r for r in self.retries if r[0] > now]
         for _, rk, agg, held, cc in due:
@@ -442,10 +445,20 @@ class AggregatorService:
         d.body = b""  # added to the sums: hold only the delivery tag, not the result
         cur.held.append(d)
         log.info("contribution from %s ACCEPTED at round %d of job %s", r.site, r.round, r.job_id)
-        self._answered(cur, r)  # the last answer sends the aggregate first: the verdict may trail it
+        self._answered(cur, r)  # the last answer sends the aggregate first
         if cur.closing is not None and cur.job_id in self.open:
             self._try_close(cur, time.monotonic())
-        self._verdict(r, True, "")
+        # the verdict waits for the next tick: if the round closes first, its aggregate lists the site as
+        # accepted, which is all the verdict would tell the server (fast rounds send none)
+        self.accepted_verdicts.append(r)
+
+    def _flush_verdicts(self) -> None:
+        """Publish the accepted verdicts of rounds still open (the server's round rules count them)."""
+        pending, self.accepted_verdicts = self.accepted_verdicts, []
+        for r in pending:
+            cur = self.open.get(r.job_id)
+            if cur is not None and cur.round == r.round and cur.task_id == r.task_id:
+                self._verdict(r, True, "")
 
     def _reject(self, d: Delivery, r: TaskResult, reason: str) -> None:
         self._verdict(r, False, reason)

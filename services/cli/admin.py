@@ -40,8 +40,12 @@ class AdminClient:
     def submit(self, files: dict[str, bytes]) -> str:
         return str(self.call("submit", files=files).result["job_id"])
 
-    def status(self, job_id: str | None = None) -> dict[str, Any]:
-        return self.call("status", {"job_id": job_id} if job_id else {}).result
+    def status(self, job_id: str | None = None, history_from: int = 0) -> dict[str, Any]:
+        """The sites and jobs, or one job with its round records (from index history_from on)."""
+        args: dict[str, Any] = {"job_id": job_id} if job_id else {}
+        if job_id and history_from:
+            args["history_from"] = history_from
+        return self.call("status", args).result
 
     def download(self, job_id: str) -> dict[str, bytes]:
         """Every file the persistor holds for the job (a unique id prefix is resolved by the server)."""

@@ -133,19 +133,21 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         while True:
             asked = time.monotonic()
             try:
-                st = admin.status(job_id)
+                st = admin.status(job_id, history_from=shown)  # only the records not shown yet
             except SagmqError as e:  # the server can be busy for a while moving a very large model
                 say(f"bench: status not answered yet ({e})")
                 status_s.append(time.monotonic() - asked)
                 continue
             status_s.append(time.monotonic() - asked)
-            for h in st["history"][shown:]:
-                if "done_at" in h:
-                    say(f"bench: round {h['round']} {h['done_at'] - h['started_at']:.3f} s")
-                    shown += 1
+            for h in st["history"]:
+                if "done_at" not in h:
+                    break
+                say(f"bench: round {h['round']} {h['done_at'] - h['started_at']:.3f} s")
+                shown += 1
             if st["status"] in ("finished", "failed", "aborted"):
+                st = admin.status(job_id)  # every record
                 break
-            time.sleep(0.05)
+            time.sleep(0.1)
         rss = {name: round(peak_rss_mb(p.popen.pid), 1) for name, p in procs.items()}
         if st["status"] != "finished":
             raise SagmqError(f"job {st['status']}: {st['reason']}")

@@ -32,6 +32,7 @@ from services.wire.settings import Settings
 from services.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED
 
 log = logging.getLogger(__name__)
+SAVED_EVERY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -53,6 +54,10 @@ class PersistorService:
         self.stop = threading.Event()
         self.aggregates: dict[str, _Held] = {}  # job -> its latest aggregate routed here, held
         self.commits: dict[str, _Held] = {}  # job -> a model.commit whose aggregate has not come yet
+        # model.saved: at once for a job's last round (the server waits for it) or when none went in the
+        # last SAVED_EVERY_S, else the latest saved round once a second (a job of many short rounds)
+        self.unconfirmed: dict[str, tuple[int, str]] = {}  # job -> (round, path) saved, not yet confirmed
+        self.confirmed_at: dict[str, float] = {}
         bus.on_reconnect.append(self.forget_held)
 
     def run(self) -> None:
@@ -67,7 +72,11 @@ class PersistorService:
         self.commits.clear()
 
     def tick(self) -> None:
-        """A commit whose aggregate never came is dead-lettered (the server's round then shows it)."""
+        """Write history that came since the last write; a commit whose aggregate never came is
+        dead-lettered (the server's round then shows it)."""
+        self.store.flush_history()
+        for job, (rnd, path) in list(self.unconfirmed.items()):
+            self._saved(job, rnd, path, now=True)
         now = time.monotonic()
         for job, c in list(self.commits.items()):
             if now - c.since > self.s.chunk_timeout_s:
@@ -94,7 +103,7 @@ class PersistorService:
             self.store.write_json(ev.job_id, "meta.json", {**ev.meta, "job_id": ev.job_id, "name": ev.name,
                                                            "status": ev.status, "reason": ev.reason})
             if ev.history:
-                self.store.write_json(ev.job_id, "history.json", ev.history)
+                self.store.replace_history(ev.job_id, ev.history)
         elif d.msg_type == AdminRequest.TYPE:
             self.on_admin(d, d.message(AdminRequest, limit))
         elif d.msg_type == Control.TYPE:
@@ -121,18 +130,24 @@ class PersistorService:
 
     def on_save(self, m: ModelSave) -> None:
         """Save durably, then confirm with model.saved."""
-        self._save(m.job_id, m.round, m.dxo, m.model_dir, m.model_name, m.history)
+        self._save(m.job_id, m.round, m.dxo, m.model_dir, m.model_name, m.history, m.final)
         self._drop_held(m.job_id, m.round)
 
     def _save(self, job_id: str, rnd: int, dxo: DXO, model_dir: str, model_name: str,
-              history: list[dict[str, Any]], how: str = "model.save") -> None:
+              history: list[dict[str, Any]], final: bool, how: str = "model.save") -> None:
         path = self.store.save(job_id, rnd, dict(dxo.data), model_dir, model_name)
         if history:
             self.store.merge_history(job_id, history)
         log.info("saved model of job %s round %d to %s (%s)", job_id, rnd, path, how)
-        self._saved(job_id, rnd, str(path))
+        self._saved(job_id, rnd, str(path), final)
 
-    def _saved(self, job_id: str, rnd: int, path: str) -> None:
+    def _saved(self, job_id: str, rnd: int, path: str, now: bool) -> None:
+        """model.saved for this round (and the ones saved before it): now, or with the next tick."""
+        if not now and time.monotonic() - self.confirmed_at.get(job_id, -SAVED_EVERY_S) < SAVED_EVERY_S:
+            self.unconfirmed[job_id] = (rnd, path)
+            return
+        self.unconfirmed.pop(job_id, None)
+        self.confirmed_at[job_id] = time.monotonic()
         self.bus.publish(self.bus.names.events, RK_MODEL_SAVED, ModelSaved(job_id, rnd, path),
                          headers={"job_id": job_id, "round": rnd})
 
@@ -162,7 +177,7 @@ class PersistorService:
         """Save the held aggregate of the round as its global model (or wait for it to come)."""
         if self._done_already(m.job_id, m.round):
             # saved before this redelivery: confirm again
-            self._saved(m.job_id, m.round, str(self.store.job_dir(m.job_id) / m.model_dir / m.model_name))
+            self._saved(m.job_id, m.round, str(self.store.job_dir(m.job_id) / m.model_dir / m.model_name), True)
             return
         a = self.aggregates.get(m.job_id)
         if a is not None and (a.msg.round, a.msg.task_id) == (m.round, m.task_id):
@@ -176,7 +191,8 @@ class PersistorService:
 
     def _commit(self, d: Delivery, m: ModelCommit) -> None:
         a = self.aggregates.pop(m.job_id)
-        self._save(m.job_id, m.round, a.msg.dxo, m.model_dir, m.model_name, m.history, "model.commit of its aggregate")
+        self._save(m.job_id, m.round, a.msg.dxo, m.model_dir, m.model_name, m.history, m.final,
+                   "model.commit of its aggregate")
         self.bus.ack(a.delivery)
         if d.deferred:
             self.bus.ack(d)

@@ -12,6 +12,7 @@ a half-written model. Layout under the persistor's workspace::
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -23,6 +24,7 @@ from services.wire.settings import check_name
 
 NUMPY_KEY = "numpy_key"
 DEFAULT_MODEL = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+HISTORY_EVERY_S = 1.0  # history.json is rewritten at most this often while a job runs (and at its end)
 
 
 def write_model(f: BinaryIO, weights: dict[str, np.ndarray], npz: bool) -> None:
@@ -39,6 +41,11 @@ class ModelStore:
 
     def __init__(self, workspace: Path) -> None:
         self.root = workspace / "persistor" / "jobs"
+        self._last: dict[str, int] = {}  # job -> last round saved (progress.json, read once)
+        # job -> round -> record: history.json in memory, written at most every HISTORY_EVERY_S
+        self._history: dict[str, dict[Any, dict[str, Any]]] = {}
+        self._history_written: dict[str, float] = {}
+        self._dirty: set[str] = set()
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / check_name("job id", job_id)
@@ -48,10 +55,13 @@ class ModelStore:
 
     def last_round(self, job_id: str) -> int | None:
         """The last round saved for a job, if any."""
+        if job_id in self._last:
+            return self._last[job_id]
         p = self.job_dir(job_id) / "progress.json"
         if not p.exists():
             return None
-        return int(json.loads(p.read_text())["last_round"])
+        last = self._last[job_id] = int(json.loads(p.read_text())["last_round"])
+        return last
 
     def load(
         self, job_id: str, model_dir: str, model_name: str, initial: list[Any] | None, source: str = ""
@@ -89,29 +99,51 @@ class ModelStore:
         ext = ".npz" if npz else ".npy"
         atomic_write_with(path, lambda f: write_model(f, weights, npz), also=path.parent / f"round-{rnd}{ext}")
         atomic_write(self.job_dir(job_id) / "progress.json", json.dumps({"last_round": rnd}).encode())
+        self._last[job_id] = rnd
         return path
 
     def write_json(self, job_id: str, name: str, obj: Any) -> None:
         """meta.json or history.json of a job."""
         atomic_write(self.job_dir(job_id) / name, json.dumps(obj, indent=2, default=str).encode())
 
-    def merge_history(self, job_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Merge round records into history.json (a record replaces the one of the same round)."""
-        path = self.job_dir(job_id) / "history.json"
-        try:
-            old = json.loads(path.read_text()) if path.exists() else []
-        except (OSError, ValueError):
-            old = []  # a damaged file is rewritten from what comes next (the job's end sends it whole)
-        by_round = {h.get("round"): h for h in old if isinstance(h, dict)}
+    def merge_history(self, job_id: str, records: list[dict[str, Any]]) -> None:
+        """Merge round records into the job's history (a record replaces the one of the same round).
+        history.json is rewritten at once if it was not in the last HISTORY_EVERY_S, else by
+        flush_history: a job of many short rounds does not rewrite a growing file every round."""
+        by_round = self._history.get(job_id)
+        if by_round is None:
+            path = self.job_dir(job_id) / "history.json"
+            try:
+                old = json.loads(path.read_text()) if path.exists() else []
+            except (OSError, ValueError):
+                old = []  # a damaged file is rewritten from what comes next (the job's end sends it whole)
+            by_round = self._history[job_id] = {h.get("round"): h for h in old if isinstance(h, dict)}
         for h in records:
             by_round[h.get("round")] = h
-        merged = sorted(by_round.values(), key=lambda h: (h.get("round") is None, h.get("round") or 0))
-        self.write_json(job_id, "history.json", merged)
-        return merged
+        self._dirty.add(job_id)
+        if time.monotonic() - self._history_written.get(job_id, -HISTORY_EVERY_S) >= HISTORY_EVERY_S:
+            self.flush_history(job_id)
+
+    def replace_history(self, job_id: str, records: list[dict[str, Any]]) -> None:
+        """The job's whole history (sent with its end): written at once."""
+        self._history[job_id] = {h.get("round"): h for h in records if isinstance(h, dict)}
+        self._dirty.add(job_id)
+        self.flush_history(job_id)
+
+    def flush_history(self, job_id: str | None = None) -> None:
+        """Write history.json of this job (or of every job) if records came since it was written."""
+        for job in [job_id] if job_id is not None else sorted(self._dirty):
+            if job not in self._dirty:
+                continue
+            self._dirty.discard(job)
+            merged = sorted(self._history[job].values(), key=lambda h: (h.get("round") is None, h.get("round") or 0))
+            self.write_json(job, "history.json", merged)
+            self._history_written[job] = time.monotonic()
 
     def files(self, job_id: str) -> dict[str, bytes]:
         """Every file of a job, for download."""
         root = self.job_dir(job_id)
+        self.flush_history(job_id)
         if not root.is_dir():
             raise SagmqError(f"the persistor has nothing for job {job_id}")
         return {

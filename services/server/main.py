@@ -509,14 +509,17 @@ class ServerService:
         history = job.history[run.history_sent:]
         run.history_sent = len(job.history)
         save: ModelSave | ModelCommit
+        final = m.round == sag.start_round + sag.num_rounds - 1
         if run.round_open is not None and run.round_open.persist and m.task_id == run.task_id and same:
             # the new global model is the aggregate, which the persistor got too: it saves that
-            save, rk = ModelCommit(job.job_id, m.round, m.task_id, p.model_dir, p.model_name, history), RK_MODEL_COMMIT
+            save = ModelCommit(job.job_id, m.round, m.task_id, p.model_dir, p.model_name, history, final)
+            rk = RK_MODEL_COMMIT
         else:
-            save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name, history)
+            save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name, history,
+                             final)
             rk = RK_MODEL_SAVE
         headers = {"job_id": job.job_id, "round": m.round}
-        if m.round == sag.start_round + sag.num_rounds - 1:
+        if final:
             run.phase, run.phase_since = "saving", time.monotonic()  # the job ends once its model is on disk
 
             def saved_or_not(err: SagmqError | None) -> None:
@@ -550,9 +553,11 @@ class ServerService:
         self._open_round(run)
 
     def on_saved(self, run: Run, m: ModelSaved) -> None:
+        # the persistor confirms the latest of several saved rounds at once (at most one a second)
+        now = time.time()
         for h in run.job.history:
-            if h["round"] == m.round:
-                h["saved_at"] = time.time()
+            if h["round"] <= m.round and "saved_at" not in h:
+                h["saved_at"] = now
         if run.phase == "saving" and m.round == run.job.current_round:
             self._advance(run)
 
@@ -589,7 +594,10 @@ class ServerService:
             job_id = args.get("job_id")
             if job_id:
                 job = self._job(job_id)
-                out = {**job.summary(), "history": job.history}
+                start = args.get("history_from", 0)
+                if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+                    raise SagmqError(f"status: history_from must be a round record index >= 0, not {start!r}")
+                out = {**job.summary(), "history": job.history[start:], "history_from": start}
                 if self.run_ and self.run_.job is job:
                     out["phase"] = self.run_.phase
                     out["open_round"] = self.run_.record

@@ -10,6 +10,7 @@ backoff, redeclares its topology and resumes its consumers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 import threading
@@ -52,6 +53,37 @@ _CONNECTION_ERRORS = (px.AMQPConnectionError, px.AMQPChannelError, px.StreamLost
 # cut the receiving CPU per byte by about 2.7x (measured on this project's machine).
 RECV_BYTES = 256 * 1024
 _AsyncTransportBase._MAX_RECV_BYTES = RECV_BYTES  # (pika is pinned below 1.5, where this attribute is)
+
+# pika writes every frame with a send() of its own: a message is at least three (method, header,
+# body), and each loopback send also wakes the broker to read that one frame. One sendmsg() of
+# everything buffered (up to GATHER_BUFFERS frames, no copy) does the same work in one system call.
+GATHER_BUFFERS = 64
+_pika_produce = _AsyncTransportBase._produce
+
+
+def _produce_gathered(self: Any) -> None:
+    """_AsyncTransportBase._produce, with one sendmsg() per batch of buffered frames (plain TCP only:
+    an SSL socket has no sendmsg and keeps pika's own loop). Raises what sendmsg raises (EAGAIN:
+    pika keeps the writer armed and calls again)."""
+    sock = self._sock
+    if isinstance(sock, ssl.SSLSocket):
+        _pika_produce(self)
+        return
+    bufs = self._tx_buffers
+    while bufs:
+        sent = sock.sendmsg(list(itertools.islice(bufs, GATHER_BUFFERS)))
+        self._tx_buffered_byte_count -= sent
+        while sent:
+            first = bufs[0]
+            if sent >= len(first):
+                bufs.popleft()
+                sent -= len(first)
+            else:  # a partial send: the rest of this frame goes first next time
+                bufs[0] = first[sent:]
+                sent = 0
+
+
+_AsyncTransportBase._produce = _produce_gathered
 
 # send(): at most this many parts (of the chunk size) or messages unconfirmed at once
 SEND_WINDOW_PARTS = 2

@@ -298,6 +298,7 @@ class ModelSave(Message):
     model_dir: str = "models"
     model_name: str = "server.npy"
     history: list[dict[str, Any]] = field(default_factory=list)
+    final: bool = False  # the job's last round: the server waits for model.saved, which goes at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +314,7 @@ class ModelCommit(Message):
     model_dir: str = "models"
     model_name: str = "server.npy"
     history: list[dict[str, Any]] = field(default_factory=list)
+    final: bool = False  # the job's last round: the server waits for model.saved, which goes at once
 
 
 @dataclass(frozen=True, slots=True)

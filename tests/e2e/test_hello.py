@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.wire.errors import SagmqError
 from tests.conftest import JOBS, SAGMQ, System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
@@ -73,6 +74,12 @@ def test_separate_processes_submit_wait_download(system: System, tmp_path: Path)
     assert '"round": 2' in history
     st = sagmq("status")
     assert '"site-1"' in st.stdout and '"alive": true' in st.stdout
+    # status of a job from a given round record on (what `sagmq bench` polls with), and a bad index
+    tail = system.admin.status(job_id, history_from=2)
+    assert tail["history_from"] == 2 and [h["round"] for h in tail["history"]] == [2]
+    assert [h["round"] for h in system.admin.status(job_id)["history"]] == [0, 1, 2]
+    with pytest.raises(SagmqError, match="history_from must be a round record index >= 0, not -1"):
+        system.admin.status(job_id, history_from=-1)
 
 
 def test_submit_refuses_invalid_job_naming_file_and_field(system: System, tmp_path: Path) -> None:

@@ -52,9 +52,10 @@ class Driver:
         m = RoundAggregated(JOB, rnd, ["site-1"], DXO(WEIGHTS, {"numpy_key": values}), task_id)
         self.bus.publish(self.bus.names.events, RK_ROUND_AGGREGATED_SAVE, m)
 
-    def commit(self, rnd: int, task_id: str) -> None:
+    def commit(self, rnd: int, task_id: str, final: bool = False) -> None:
         self.bus.publish(self.bus.names.events, RK_MODEL_COMMIT,
-                         ModelCommit(JOB, rnd, task_id, history=[{"round": rnd, "accepted": ["site-1"]}]))
+                         ModelCommit(JOB, rnd, task_id, history=[{"round": rnd, "accepted": ["site-1"]}],
+                                     final=final))
 
     def wait_saved(self, n: int) -> list[ModelSaved]:
         wait_for(lambda: self.bus.process(0.05) or len(self.saved) >= n, 20, f"{n} model.saved")
@@ -159,4 +160,23 @@ def test_a_commit_whose_aggregate_never_comes_is_dead_lettered_with_a_reason(fas
         reason = reason.decode() if isinstance(reason, bytes) else reason
         assert "model.commit for round 3" in reason and "did not come within 1 s" in reason
         assert driver.saved == []
+    nothing_left_behind(driver)
+
+
+def test_saves_in_a_burst_are_confirmed_once_a_second_and_the_final_one_at_once(fast: Settings,
+                                                                               driver: Driver) -> None:
+    with persistor(fast):
+        for rnd in range(3):
+            driver.aggregate(rnd, f"t{rnd}", values(float(rnd)))
+            driver.commit(rnd, f"t{rnd}")
+        driver.wait_saved(2)
+        # round 0 at once; rounds 1 and 2 within the second after it, in one model.saved for round 2
+        assert [m.round for m in driver.saved] == [0, 2]
+        np.testing.assert_array_equal(model_file(fast), values(2.0))
+        driver.aggregate(3, "t3", values(3.0))
+        driver.commit(3, "t3", final=True)  # the job's last round: the server is waiting
+        driver.wait_saved(3)
+        assert driver.saved[-1].round == 3
+        for r in range(4):  # every round still has its snapshot
+            assert (fast.workspace / "persistor" / "jobs" / JOB / "models" / f"round-{r}.npy").exists()
     nothing_left_behind(driver)
