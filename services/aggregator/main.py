@@ -265,8 +265,10 @@ class AggregatorService:
                 self.retries.append((time.monotonic() + RETRY_S, rk, agg, held, cc))
                 self.refused_aggregates += 1
 
+        # not retained for a resend: after a lost connection the inputs come back and the round is
+        # aggregated again, so the aggregate (a whole model) is freed once its last part is out
         self.bus.send(self.bus.names.events, rk, agg, headers={"job_id": agg.job_id, "round": agg.round},
-                      cc=cc, on_done=sent)
+                      cc=cc, on_done=sent, retain=False)
 
     # --- results ----------------------------------------------------------------------
 

@@ -184,3 +184,39 @@ def test_close_does_not_wait_for_a_broker_that_is_gone(small_chunks: Settings, a
         cleanup = Bus(small_chunks, "test-send-cleanup", connect_timeout_s=5).connect()
         delete_topology(cleanup, topo(small_chunks.prefix))
         cleanup.close()
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_a_send_not_retained_lets_its_message_go_once_its_last_part_is_out(bus: Bus, small_chunks: Settings,
+                                                                            retain: bool) -> None:
+    import gc
+    import weakref
+
+    w = np.arange(1_000_000, dtype=np.float32)
+    alive = weakref.ref(w)
+    done: list[SagmqError | None] = []
+    bus.send(f"{small_chunks.prefix}.send", "a", ModelSave("job", 0, DXO(WEIGHTS, {"w": w})), on_done=done.append,
+             retain=retain)
+    snd = bus._sends[-1]  # held here, as the bus holds it until every part is confirmed
+    del w
+    run_until(bus, lambda: snd.all_sent, 30, "every part out")
+    gc.collect()
+    assert (alive() is not None) == retain  # not retained: freed before the confirms, not after
+    run_until(bus, lambda: bool(done), 30, "the confirms")
+    assert done == [None]
+
+
+def test_after_a_lost_connection_a_send_not_retained_fails_and_a_retained_one_starts_again(
+        small_chunks: Settings) -> None:
+    from services.wire.bus import _Send
+
+    bus = Bus(small_chunks, "test-restart")  # never connected: only the bookkeeping runs
+    kept = _Send("x", "a", lambda: iter(()), True, None, "kept", all_sent=True, unconfirmed=2)
+    gone = _Send("x", "a", lambda: iter(()), True, None, "gone", all_sent=True, unconfirmed=2, retain=False)
+    midway = _Send("x", "a", lambda: iter(()), True, None, "midway", unconfirmed=1, retain=False)
+    bus._sends.extend([kept, gone, midway])
+    bus._restart_sends()
+    assert (kept.all_sent, kept.error) == (False, None)  # sent again from its first part
+    assert gone.error is not None and "lost before the broker confirmed it (not kept to send again)" in str(gone.error)
+    assert (midway.all_sent, midway.error) == (False, None)  # its parts were still being made: made again
+    assert all(s.unconfirmed == 0 for s in (kept, gone, midway))
