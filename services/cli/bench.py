@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,35 @@ def peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def broker_pids() -> list[int]:
+    """The local RabbitMQ node's Erlang VM (run by the rabbitmq user), if it runs on this machine."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if (d / "comm").read_text().strip() != "beam.smp":
+                continue
+            uid = next(line.split()[1] for line in (d / "status").read_text().splitlines() if line.startswith("Uid:"))
+            owner = Path("/etc/passwd").read_text()
+            if any(x.split(":")[0] == "rabbitmq" and x.split(":")[2] == uid for x in owner.splitlines() if x):
+                out.append(int(d.name))
+        except (OSError, StopIteration, IndexError):
+            continue
+    return out
+
+
+def _broker_cpu() -> float:
+    return sum(cpu_s(p) for p in broker_pids())
 
 
 def write_job(root: Path, clients: int, rounds: int, ckpt: Path) -> Path:
@@ -90,9 +120,15 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         f"chunk {s.chunk_bytes / 2**20:g} MiB, workspace {work}")
 
     floor: list[float] = []
+    floor_cpu: dict[str, float] = {}
     if not a.skip_floor:
         say("bench: measuring the broker floor ...")
-        floor = measure_floor(s, prefix, a.clients, nbytes, a.rounds)
+        b0, used_floor = _broker_cpu(), {}
+        floor = measure_floor(s, prefix, a.clients, nbytes, a.rounds, used_floor)
+        # (the broker's figure also holds the floor's queue setup and teardown: a little high)
+        floor_cpu = {k: 1000 * v / a.rounds for k, v in used_floor.items()}
+        floor_cpu["broker"] = 1000 * (_broker_cpu() - b0) / a.rounds
+        floor_cpu["total"] = sum(floor_cpu.values())
         say(f"bench: floor median {median(floor):.4f} s/round")
 
     base = (np.arange(a.floats) % 1000).astype(dtype)
@@ -127,6 +163,8 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
                 raise SagmqError(f"only {alive} of {a.clients} sites connected")
             time.sleep(0.2)
         say(f"bench: {a.clients} sites up in {time.monotonic() - t0:.1f} s; running the job ...")
+        cpu0 = {name: cpu_s(p.popen.pid) for name, p in procs.items()}
+        cpu0["broker"] = _broker_cpu()
         job_id = admin.submit(read_job_folder(job))
         shown = 0
         status_s: list[float] = []  # how long the server takes to answer, while rounds are in flight
@@ -149,6 +187,8 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
                 break
             time.sleep(0.1)
         rss = {name: round(peak_rss_mb(p.popen.pid), 1) for name, p in procs.items()}
+        used = {name: cpu_s(p.popen.pid) - cpu0[name] for name, p in procs.items()}
+        used["broker"] = _broker_cpu() - cpu0["broker"]
         if st["status"] != "finished":
             raise SagmqError(f"job {st['status']}: {st['reason']}")
         rounds = [h["done_at"] - h["started_at"] for h in st["history"] if "done_at" in h]
@@ -166,6 +206,10 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
             print(f"bench: cleanup of prefix {prefix} failed: {e}", file=sys.stderr)
         admin.close()
     client_rss = [v for k, v in rss.items() if k.startswith("site-")]
+    # CPU milliseconds per round, over the whole job (the last round's save included)
+    cpu = {k: 1000 * used[k] / a.rounds for k in ("server", "aggregator", "persistor", "broker")}
+    cpu["sites"] = 1000 * sum(v for k, v in used.items() if k.startswith("site-")) / a.rounds
+    cpu["total"] = sum(cpu.values())
     report: dict[str, Any] = {
         "clients": a.clients, "floats": a.floats, "dtype": dtype.name, "model_mb": round(nbytes / 1e6, 3),
         "rounds": a.rounds, "chunk_mib": s.chunk_bytes / 2**20,
@@ -176,6 +220,9 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
                         "client_max": max(client_rss), "client_median": statistics.median(client_rss)},
         "services_total_mb": round(rss["server"] + rss["aggregator"] + rss["persistor"], 1),
         "status_s": {"median": round(median(status_s), 4), "max": round(max(status_s), 4), "count": len(status_s)},
+        "cpu_ms_per_round": {k: round(v, 2) for k, v in cpu.items()},
+        "floor_cpu_ms_per_round": {k: round(v, 2) for k, v in floor_cpu.items()} or None,
+        "cores": os.cpu_count(),
         "correct": correct,
     }
     if a.json:
@@ -191,6 +238,10 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         st_s = report["status_s"]
         print(f"admin status answered in median {st_s['median']:.4f} s, max {st_s['max']:.4f} s "
               f"({st_s['count']} requests during the job)")
+        c = report["cpu_ms_per_round"]
+        print(f"CPU ms per round: total {c['total']:.2f} (server {c['server']:.2f}, aggregator {c['aggregator']:.2f}, "
+              f"persistor {c['persistor']:.2f}, sites {c['sites']:.2f}, broker {c['broker']:.2f}) on "
+              f"{report['cores']} cores" + (f"; the floor's: {floor_cpu['total']:.2f}" if floor_cpu else ""))
         print(f"final model correct: {correct}")
     if not a.keep:
         import shutil

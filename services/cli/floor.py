@@ -30,7 +30,13 @@ def floor_topology(prefix: str, n: int) -> Topology:
                     tuple(Binding(q.name, ex, f"site-{i}") for i, q in enumerate(sites)))
 
 
-def _site(settings: Settings, prefix: str, i: int, parts: int, part_bytes: int, rounds: int, ready: Any) -> None:
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _site(settings: Settings, prefix: str, i: int, parts: int, part_bytes: int, rounds: int, ready: Any,
+          cpu: Any) -> None:
     bus = Bus(settings, f"floor-site-{i}", connect_timeout_s=30).connect()
     body = os.urandom(part_bytes)
     results = f"{prefix}.floor.results"
@@ -46,13 +52,18 @@ def _site(settings: Settings, prefix: str, i: int, parts: int, part_bytes: int, 
             stop.set()
 
     bus.consume(f"{prefix}.floor.site-{i}", on_part, prefetch=8)
+    started = _cpu()
     ready.set()
     bus.run(stop)
+    cpu.value = _cpu() - started  # the rounds' CPU, not the process's start
     bus.close()
 
 
-def measure_floor(settings: Settings, prefix: str, clients: int, nbytes: int, rounds: int) -> list[float]:
-    """Seconds per round of the bare broker round trip, for each of `rounds` rounds."""
+def measure_floor(settings: Settings, prefix: str, clients: int, nbytes: int, rounds: int,
+                  cpu: dict[str, float] | None = None) -> list[float]:
+    """Seconds per round of the bare broker round trip, for each of `rounds` rounds. If cpu is given,
+    it gets the CPU seconds the publisher ("publisher") and the site processes ("clients") used
+    during the rounds."""
     chunk = settings.chunk_bytes
     parts = max(1, math.ceil(nbytes / chunk))
     part_bytes = min(nbytes, chunk) or 1
@@ -60,13 +71,14 @@ def measure_floor(settings: Settings, prefix: str, clients: int, nbytes: int, ro
     bus = Bus(replace(settings, prefix=prefix), "floor", connect_timeout_s=30).connect()
     bus.declare(topo)
     ctx = mp.get_context("spawn")
-    procs, events = [], []
+    procs, events, used = [], [], []
     for i in range(clients):
-        ev = ctx.Event()
-        p = ctx.Process(target=_site, args=(settings, prefix, i, parts, part_bytes, rounds, ev), daemon=True)
+        ev, u = ctx.Event(), ctx.Value("d", 0.0)
+        p = ctx.Process(target=_site, args=(settings, prefix, i, parts, part_bytes, rounds, ev, u), daemon=True)
         p.start()
         procs.append(p)
         events.append(ev)
+        used.append(u)
     for ev in events:
         if not ev.wait(120):
             raise RuntimeError("a floor site did not start")
@@ -75,6 +87,7 @@ def measure_floor(settings: Settings, prefix: str, clients: int, nbytes: int, ro
     bus.consume(f"{prefix}.floor.results", lambda d: got.__setitem__(0, got[0] + 1), prefetch=64)
     times = []
     targets = [f"site-{i}" for i in range(clients)]
+    started = _cpu()
     for _ in range(rounds):
         got[0] = 0
         t0 = time.perf_counter()
@@ -84,8 +97,11 @@ def measure_floor(settings: Settings, prefix: str, clients: int, nbytes: int, ro
         while got[0] < clients * parts:
             bus.process(0.01)
         times.append(time.perf_counter() - t0)
+    publisher = _cpu() - started
     for p in procs:
         p.join(30)
+    if cpu is not None:
+        cpu["publisher"], cpu["clients"] = publisher, sum(u.value for u in used)
     ch = bus.channel
     for q in topo.queues:
         ch.queue_delete(q.name)

@@ -29,5 +29,10 @@ def test_bench_reports_rounds_floor_ratio_memory_and_correctness(amqp_url: str, 
     assert set(report["peak_rss_mb"]) == {"server", "aggregator", "persistor", "client_max", "client_median"}
     assert all(v > 10 for v in report["peak_rss_mb"].values())
     assert report["status_s"]["count"] >= 1
+    cpu, floor_cpu = report["cpu_ms_per_round"], report["floor_cpu_ms_per_round"]
+    assert set(cpu) == {"server", "aggregator", "persistor", "sites", "broker", "total"}
+    assert all(cpu[k] > 0 for k in ("server", "aggregator", "persistor", "sites"))
+    assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"), abs=0.05)
+    assert floor_cpu["publisher"] > 0 and floor_cpu["clients"] > 0 and report["cores"] >= 1
     server_log = (tmp_path / "ws" / "logs" / "server.log").read_text()
     assert "model forwarded with the aggregate to site-1, site-2" in server_log, server_log
