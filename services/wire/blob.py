@@ -199,7 +199,7 @@ class Assembly:
     size: int
     max_bytes: int
     header: Any = None
-    buf: bytearray | None = None
+    buf: memoryview | None = None  # over an uninitialised numpy buffer: every byte is written once
     got: set[int] = field(default_factory=set)
     early: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
@@ -214,7 +214,8 @@ class Assembly:
                 raise DecodeError(f"blob of {self.size} bytes exceeds the limit of {self.max_bytes}")
             self.header = unpack(body, header_limit)
             refs(self.header, self.size)
-            self.buf = bytearray(self.size)
+            # not bytearray(size), which zero-fills a whole model only to overwrite it (0.1 s per 200 MB)
+            self.buf = memoryview(np.empty(self.size, dtype=np.uint8))
             for j, (off, data) in self.early.items():
                 self.buf[off:off + len(data)] = data
                 self.got.add(j)
@@ -237,4 +238,4 @@ class Assembly:
     def message_map(self) -> Any:
         """The complete message map, arrays as views over the (writable) buffer."""
         assert self.buf is not None and self.complete()
-        return resolve(self.header, memoryview(self.buf))
+        return resolve(self.header, self.buf)
