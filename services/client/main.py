@@ -32,6 +32,8 @@ from services.wire.settings import Settings, default_site_name, load_settings
 from services.wire.topology import RK_HEARTBEAT, RK_RESULT, site_topology
 
 log = logging.getLogger(__name__)
+LARGE_RESULT_BYTES = 2**20  # a result this large makes the next task wait for its confirm
+LARGE_RESULT_WAIT_S = 60.0
 
 
 @dataclass(slots=True)
@@ -76,6 +78,9 @@ class ClientService:
         self.forwarded: dict[str, _Forwarded] = {}
         self.waiting: dict[str, TrainTask] = {}
         self.seen_tasks: deque[str] = deque(maxlen=32)
+        # large results handed to the bus and not yet confirmed: the next task waits for them (see _worker)
+        self.large_unconfirmed = 0
+        self.results_settled = threading.Condition(self.state.lock)
         bus.on_reconnect.append(self.forwarded.clear)  # held deliveries come again on the new channel
         self.worker = threading.Thread(target=self._worker, name="trainer", daemon=True)
 
@@ -243,6 +248,12 @@ class ClientService:
             with self.state.lock:
                 if w.task.job_id in self.state.aborted_jobs:
                     continue
+                # A forwarded model can arrive while the site's last large result still waits for the
+                # broker's confirm (kept in memory to send again after a lost connection): training now
+                # would hold three models at once. Waiting for the confirm keeps it to two.
+                if not self.results_settled.wait_for(lambda: self.large_unconfirmed == 0, LARGE_RESULT_WAIT_S):
+                    log.warning("round %d of job %s starts before the last result was confirmed (%g s)",
+                                w.task.round, w.task.job_id, LARGE_RESULT_WAIT_S)
                 self.state.current = w
             try:
                 result = self._run(w)
@@ -283,8 +294,13 @@ class ClientService:
 
     def _publish_result(self, r: TaskResult) -> None:
         headers = {"job_id": r.job_id, "round": r.round, "site": self.site}
+        large = r.dxo is not None and sum(a.nbytes for a in r.dxo.data.values()) >= LARGE_RESULT_BYTES
 
         def sent(err: SagmqError | None) -> None:
+            if large:
+                with self.state.lock:
+                    self.large_unconfirmed -= 1
+                    self.results_settled.notify_all()
             if err is None:
                 log.info("result of round %d of job %s sent (rc %s)", r.round, r.job_id, r.rc)
             else:
@@ -292,6 +308,9 @@ class ClientService:
 
         # not waiting for the broker (a lost connection sends it again); the loop keeps heartbeating
         self.bus.send(self.bus.names.results, RK_RESULT, r, headers=headers, on_done=sent)
+        if large:  # (sent() runs later, on this thread)
+            with self.state.lock:
+                self.large_unconfirmed += 1
 
 
 def main(argv: list[str] | None = None) -> int:

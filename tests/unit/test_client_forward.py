@@ -36,6 +36,9 @@ class RecordingBus:
     def publish(self, exchange: str, rk: str, msg: Any, **kw: Any) -> None:
         self.published.append(msg)
 
+    def call_threadsafe(self, fn: Any) -> None:
+        pass  # the I/O thread would publish the outbox: the test looks at the outbox itself
+
 
 def delivery(msg: Message, user: str = "guest") -> Delivery:
     return Delivery("t.site.site-1", "", "", msg.TYPE, {}, user, "m", None, None, False, b"", 1, 0,
@@ -150,3 +153,38 @@ def test_a_reconnect_forgets_held_aggregates(site: tuple[ClientService, Recordin
     for fn in bus.on_reconnect:
         fn()
     assert svc.forwarded == {}  # the broker delivers them again on the new channel
+
+
+def test_the_next_task_waits_for_the_last_large_result_to_be_confirmed(site: tuple[ClientService, RecordingBus]) -> None:
+    """A forwarded model can come while the last large result is still kept for a resend: the task
+    waits for that result's confirm, so the site holds two models, not three."""
+    import threading
+    import time
+
+    from services.wire.messages import TaskResult
+
+    svc, bus = site
+    sends: list[Any] = []
+    bus.send = lambda *a, on_done=None, **kw: sends.append(on_done)  # type: ignore[attr-defined]
+    big = TaskResult(JOB, 0, "train", "task-0", "site-1", "OK", DXO(WEIGHTS, {"w": np.zeros(2**18, np.float32)}))
+    svc._publish_result(big)  # 1 MiB: large
+    small = TaskResult(JOB, 0, "train", "task-x", "site-1", "OK", DXO(WEIGHTS, {"w": np.zeros(4, np.float32)}))
+    svc._publish_result(small)
+    assert svc.large_unconfirmed == 1
+    worker = threading.Thread(target=svc._worker, daemon=True)
+    worker.start()
+    svc.work.put(queued_work(svc, task(model_from="", w=np.ones(4, np.float32))))
+    time.sleep(0.3)
+    assert svc.outbox.empty()  # not run yet
+    sends[0](None)  # the broker confirms the large result
+    deadline = time.monotonic() + 5
+    while svc.outbox.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not svc.outbox.empty() and svc.large_unconfirmed == 0
+    svc.work.put(None)
+    worker.join(5)
+
+
+def queued_work(svc: ClientService, t: TrainTask) -> Any:
+    svc.on_message(delivery(t))
+    return svc.work.get_nowait()
