@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import statistics
 import sys
 import tempfile
@@ -51,16 +52,16 @@ def cpu_s(pid: int) -> float:
 
 def broker_pids() -> list[int]:
     """The local RabbitMQ node's Erlang VM (run by the rabbitmq user), if it runs on this machine."""
+    try:
+        uid = pwd.getpwnam("rabbitmq").pw_uid
+    except KeyError:
+        return []
     out = []
     for d in Path("/proc").glob("[0-9]*"):
         try:
-            if (d / "comm").read_text().strip() != "beam.smp":
-                continue
-            uid = next(line.split()[1] for line in (d / "status").read_text().splitlines() if line.startswith("Uid:"))
-            owner = Path("/etc/passwd").read_text()
-            if any(x.split(":")[0] == "rabbitmq" and x.split(":")[2] == uid for x in owner.splitlines() if x):
+            if (d / "comm").read_text().strip() == "beam.smp" and d.stat().st_uid == uid:
                 out.append(int(d.name))
-        except (OSError, StopIteration, IndexError):
+        except OSError:
             continue
     return out
 

@@ -171,14 +171,11 @@ class ClientService:
                             "have: asking the server for the whole task", task.round, job, task.model_from)
                 self.beat()
                 return
-            del self.forwarded[job]
-            self.bus.ack(fwd.delivery)
+            self._let_go_forwarded(job)
             assert fwd.agg.dxo is not None
             task = replace(task, dxo=DXO(WEIGHTS, fwd.agg.dxo.data, task.dxo.meta))
         else:
-            old = self.forwarded.pop(job, None)
-            if old is not None:  # a task that carries its model: a held aggregate is of no further use
-                self.bus.ack(old.delivery)
+            self._let_go_forwarded(job)  # a task that carries its model: a held aggregate is of no further use
         self.waiting.pop(job, None)
         self.seen_tasks.append(task.task_id)
         self.on_task(task)
@@ -198,15 +195,19 @@ class ClientService:
                            f"or no task id")
         if agg.job_id in self.state.aborted_jobs:
             return
-        old = self.forwarded.pop(agg.job_id, None)
-        if old is not None:
-            self.bus.ack(old.delivery)
+        self._let_go_forwarded(agg.job_id)
         d.deferred = True
         self.forwarded[agg.job_id] = _Forwarded(d, agg)
         log.info("aggregate of round %d of job %s held as the next model", agg.round, agg.job_id)
         task = self.waiting.get(agg.job_id)
         if task is not None and task.model_from == agg.task_id:
             self.on_train_task(task)
+
+    def _let_go_forwarded(self, job: str) -> None:
+        """Stop holding the job's forwarded aggregate, if any: acked, the broker drops it."""
+        fwd = self.forwarded.pop(job, None)
+        if fwd is not None:
+            self.bus.ack(fwd.delivery)
 
     def on_task(self, task: TrainTask) -> None:
         """Queue a task; a newer round of the same job supersedes the one running."""
@@ -228,9 +229,7 @@ class ClientService:
                 if cur and cur.task.job_id == c.job_id:
                     cur.ctx.abort.set()
             self.waiting.pop(c.job_id, None)
-            fwd = self.forwarded.pop(c.job_id, None)
-            if fwd is not None:
-                self.bus.ack(fwd.delivery)
+            self._let_go_forwarded(c.job_id)
             log.info("job %s aborted by the server", c.job_id)
         elif c.command == "shutdown":
             log.info("shutdown requested by the server")
