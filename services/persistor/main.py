@@ -165,6 +165,9 @@ class PersistorService:
         if old is not None and old.msg.round > m.round:
             return  # an older round's aggregate, overtaken
         if old is not None:
+            if old.msg.round < m.round:  # the server commits before the next task: this should not happen
+                log.warning("the aggregate of round %d of job %s was not committed before round %d's came: "
+                            "round %d gets no snapshot of its own", old.msg.round, m.job_id, m.round, old.msg.round)
             self.bus.ack(old.delivery)  # replaced: a later round, or the same round aggregated again
         d.deferred = True
         self.aggregates[m.job_id] = _Held(d, m, time.monotonic())

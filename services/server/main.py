@@ -528,10 +528,16 @@ class ServerService:
 
             self.bus.send(self.names.events, rk, save, headers=headers, on_done=saved_or_not)
             return
-        # Other rounds do not wait for the disk: the next round's task goes first, the persistor saves in
-        # order meanwhile, and a restarted server resumes from whatever round was saved last.
-        self._advance(run)
-        self.bus.send(self.names.events, rk, save, headers=headers)
+        # Other rounds do not wait for the disk: the persistor saves in order meanwhile, and a restarted
+        # server resumes from whatever round was saved last. A small model.commit goes before the next
+        # task, so it reaches the persistor ahead of the next round's aggregate (which replaces a held
+        # one: a commit behind it would find nothing to save); a whole model in model.save goes after it.
+        if isinstance(save, ModelCommit):
+            self.bus.send(self.names.events, rk, save, headers=headers)
+            self._advance(run)
+        else:
+            self._advance(run)
+            self.bus.send(self.names.events, rk, save, headers=headers)
 
     def on_loaded(self, run: Run, m: ModelLoaded) -> None:
         if run.phase != "loading":
