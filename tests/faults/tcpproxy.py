@@ -73,6 +73,13 @@ class Proxy:
         for a, b, _ in old:
             for s in (a, b):
                 try:
+                    # shutdown first: close() alone neither wakes a pump blocked in recv() on the socket nor
+                    # sends the FIN until that recv() returns, so a peer with nothing more to send would
+                    # never learn that the link is gone
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                try:
                     s.close()
                 except OSError:
                     pass
