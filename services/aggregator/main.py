@@ -58,6 +58,7 @@ class OpenRound:
     answered: set[str] = field(default_factory=set)  # targets whose result was accepted or refused
     persist: bool = False  # the aggregate goes to the persistor too
     forward: bool = False  # the aggregate goes to the accepted sites too (their next model)
+    commits: str = ""  # passed on with the aggregate (see RoundOpen.commits)
 
     def all_answered(self) -> bool:
         return self.answered >= self.acc.targets
@@ -193,7 +194,7 @@ class AggregatorService:
         spec = {k: VarSpec(m.var_dtypes[k], tuple(m.var_shapes[k])) for k in m.var_dtypes if k in m.var_shapes}
         cfg = AggregatorConfig(m.expected_data_kind, dict(m.aggregation_weights), m.exclude_vars, m.weigh_by_local_iter)
         rnd = OpenRound(m.job_id, m.round, m.task_id, Accumulator(cfg, frozenset(m.targets), spec), [d],
-                        persist=m.persist, forward=m.forward)
+                        persist=m.persist, forward=m.forward, commits=m.commits)
         d.deferred = True
         self.open[m.job_id] = rnd
         self.ended.discard(m.job_id)
@@ -239,7 +240,7 @@ class AggregatorService:
             log.warning("round %d of job %s: results of %s never came back; aggregating without them",
                         m.round, m.job_id, ", ".join(missing))
         dxo = cur.acc.result()
-        agg = RoundAggregated(m.job_id, m.round, list(cur.acc.accepted), dxo, cur.task_id)
+        agg = RoundAggregated(m.job_id, m.round, list(cur.acc.accepted), dxo, cur.task_id, cur.commits)
         log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.acc.accepted), m.round,
                  m.job_id, m.reason)
         rk = RK_ROUND_AGGREGATED_SAVE if cur.persist and dxo is not None else RK_ROUND_AGGREGATED

@@ -54,6 +54,7 @@ class PersistorService:
         self.stop = threading.Event()
         self.aggregates: dict[str, _Held] = {}  # job -> its latest aggregate routed here, held
         self.commits: dict[str, _Held] = {}  # job -> a model.commit whose aggregate has not come yet
+        self.targets: dict[str, tuple[str, str]] = {}  # job -> (model_dir, model_name) it is saved as
         # model.saved: at once for a job's last round (the server waits for it) or when none went in the
         # last SAVED_EVERY_S, else the latest saved round once a second (a job of many short rounds)
         self.unconfirmed: dict[str, tuple[int, str]] = {}  # job -> (round, path) saved, not yet confirmed
@@ -115,6 +116,7 @@ class PersistorService:
 
     def on_load(self, m: ModelLoad) -> None:
         """Send the job's starting model (the saved one when resuming)."""
+        self.targets[m.job_id] = (m.model_dir, m.model_name)
         try:
             weights, source, last = self.store.load(m.job_id, m.model_dir, m.model_name, m.initial, m.source)
         except (SagmqError, OSError, ValueError) as e:
@@ -135,6 +137,7 @@ class PersistorService:
 
     def _save(self, job_id: str, rnd: int, dxo: DXO, model_dir: str, model_name: str,
               history: list[dict[str, Any]], final: bool, how: str = "model.save") -> None:
+        self.targets[job_id] = (model_dir, model_name)
         path = self.store.save(job_id, rnd, dict(dxo.data), model_dir, model_name)
         if history:
             self.store.merge_history(job_id, history)
@@ -156,16 +159,20 @@ class PersistorService:
         return last is not None and rnd <= last
 
     def on_aggregate(self, d: Delivery, m: RoundAggregated) -> None:
-        """Hold a round's aggregate (it will be the saved model) until the server's model.commit."""
+        """Hold a round's aggregate (it will be the saved model) until the server's model.commit or a
+        later round's aggregate that was built on it (commits) says to save it."""
         if m.dxo is None or not m.dxo.data:
             raise Rejected(f"the aggregate of round {m.round} of job {m.job_id} carries no model to save")
         if self._done_already(m.job_id, m.round):
             return  # a round saved before (a redelivery): nothing to keep
         old = self.aggregates.get(m.job_id)
+        if old is not None and m.commits and m.commits == old.msg.task_id and old.msg.round < m.round:
+            self._commit_implied(old)  # the server built this round on the held aggregate
+            old = None
         if old is not None and old.msg.round > m.round:
             return  # an older round's aggregate, overtaken
         if old is not None:
-            if old.msg.round < m.round:  # the server commits before the next task: this should not happen
+            if old.msg.round < m.round:  # the server commits before the next task, or with it: unexpected
                 log.warning("the aggregate of round %d of job %s was not committed before round %d's came: "
                             "round %d gets no snapshot of its own", old.msg.round, m.job_id, m.round, old.msg.round)
             self.bus.ack(old.delivery)  # replaced: a later round, or the same round aggregated again
@@ -199,6 +206,23 @@ class PersistorService:
         self.bus.ack(a.delivery)
         if d.deferred:
             self.bus.ack(d)
+
+    def _commit_implied(self, a: _Held) -> None:
+        """Save a held aggregate that a later round's aggregate says the server built on (RoundOpen.commits),
+        as the server's model.commit would have, to the file the job's model is saved as."""
+        job = a.msg.job_id
+        del self.aggregates[job]
+        target = self.targets.get(job)
+        if target is None:  # a restarted persistor: the file the job's last save went to
+            last = self.store.last_saved(job)
+            target = None if last is None else (last[1], last[2])
+        if target is None:
+            log.warning("round %d of job %s was committed by the next round's aggregate, but no model.load or save "
+                        "told where the job's model goes: round %d gets no snapshot", a.msg.round, job, a.msg.round)
+        else:
+            self._save(job, a.msg.round, a.msg.dxo, target[0], target[1], [], False,
+                       "committed by the next round's aggregate")
+        self.bus.ack(a.delivery)
 
     def _drop_held(self, job_id: str, upto_round: int | None) -> None:
         """Let go of a job's held aggregate and commit (those of rounds up to upto_round, or all)."""

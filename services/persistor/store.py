@@ -5,13 +5,18 @@ a half-written model. Layout under the persistor's workspace::
 
     jobs/<job_id>/models/server.npy        the latest global model (NVFlare's file)
     jobs/<job_id>/models/round-<r>.npy     the global model after round r
-    jobs/<job_id>/progress.json            the last saved round
     jobs/<job_id>/meta.json, history.json  the job's meta and round history
+
+A round's snapshot is a hard link to the file the model was written as, so the last saved
+round is the snapshot that is still the same file as the model: no progress file to write
+(and fsync) each round, and no moment at which the two could disagree.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +30,7 @@ from services.wire.settings import check_name
 NUMPY_KEY = "numpy_key"
 DEFAULT_MODEL = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
 HISTORY_EVERY_S = 1.0  # history.json is rewritten at most this often while a job runs (and at its end)
+SNAPSHOT = re.compile(r"round-(\d+)\.np[yz]")
 
 
 def write_model(f: BinaryIO, weights: dict[str, np.ndarray], npz: bool) -> None:
@@ -41,7 +47,8 @@ class ModelStore:
 
     def __init__(self, workspace: Path) -> None:
         self.root = workspace / "persistor" / "jobs"
-        self._last: dict[str, int] = {}  # job -> last round saved (progress.json, read once)
+        # job -> (last round saved, model_dir, model_name), found on disk once
+        self._last: dict[str, tuple[int, str, str] | None] = {}
         # job -> round -> record: history.json in memory, written at most every HISTORY_EVERY_S
         self._history: dict[str, dict[Any, dict[str, Any]]] = {}
         self._history_written: dict[str, float] = {}
@@ -55,13 +62,38 @@ class ModelStore:
 
     def last_round(self, job_id: str) -> int | None:
         """The last round saved for a job, if any."""
-        if job_id in self._last:
-            return self._last[job_id]
-        p = self.job_dir(job_id) / "progress.json"
-        if not p.exists():
+        last = self.last_saved(job_id)
+        return None if last is None else last[0]
+
+    def last_saved(self, job_id: str) -> tuple[int, str, str] | None:
+        """(round, model_dir, model_name) of the job's last save, if any: its snapshot is the file
+        the model name still points at (a crash between linking a new snapshot and renaming the
+        model over the old one leaves the old pair, which is what was saved)."""
+        if job_id not in self._last:
+            self._last[job_id] = self._find_last(self.job_dir(job_id))
+        return self._last[job_id]
+
+    @staticmethod
+    def _find_last(root: Path) -> tuple[int, str, str] | None:
+        best: tuple[int, str, str] | None = None
+        if not root.is_dir():
             return None
-        last = self._last[job_id] = int(json.loads(p.read_text())["last_round"])
-        return last
+        for folder in {p.parent for p in root.rglob("round-*.np?")}:
+            models: dict[tuple[int, int], str] = {}
+            snaps: list[tuple[int, tuple[int, int]]] = []
+            for e in os.scandir(folder):
+                if not e.is_file(follow_symlinks=False) or e.name.startswith("."):
+                    continue
+                st = e.stat(follow_symlinks=False)
+                m = SNAPSHOT.fullmatch(e.name)
+                if m:
+                    snaps.append((int(m.group(1)), (st.st_dev, st.st_ino)))
+                else:
+                    models[(st.st_dev, st.st_ino)] = e.name
+            for rnd, ino in snaps:
+                if ino in models and (best is None or rnd > best[0]):
+                    best = (rnd, folder.relative_to(root).as_posix(), models[ino])
+        return best
 
     def load(
         self, job_id: str, model_dir: str, model_name: str, initial: list[Any] | None, source: str = ""
@@ -93,13 +125,12 @@ class ModelStore:
         return {NUMPY_KEY: np.array(DEFAULT_MODEL, dtype=np.float32)}, "default", None
 
     def save(self, job_id: str, rnd: int, weights: dict[str, np.ndarray], model_dir: str, model_name: str) -> Path:
-        """Save a round's model (the file and its round snapshot, one write), then the progress mark."""
+        """Save a round's model: one durable write, as the model file and its round's snapshot."""
         npz = not (len(weights) == 1 and NUMPY_KEY in weights)
         path = self._model_path(job_id, model_dir, model_name)
         ext = ".npz" if npz else ".npy"
         atomic_write_with(path, lambda f: write_model(f, weights, npz), also=path.parent / f"round-{rnd}{ext}")
-        atomic_write(self.job_dir(job_id) / "progress.json", json.dumps({"last_round": rnd}).encode())
-        self._last[job_id] = rnd
+        self._last[job_id] = (rnd, model_dir, model_name)
         return path
 
     def write_json(self, job_id: str, name: str, obj: Any) -> None:

@@ -57,6 +57,10 @@ from services.wire.topology import (
 
 log = logging.getLogger(__name__)
 ENDED = (FINISHED, FAILED, ABORTED)
+# A round whose aggregate is the new model and below this size is committed by the next round's
+# opening (RoundOpen.commits) instead of a model.commit of its own, unless none went for this long
+IMPLIED_COMMIT_MAX_BYTES = 1 << 20
+COMMIT_EVERY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -109,6 +113,10 @@ class Run:
     # (task id, sites): the aggregate of that task, which is the model now, sits in these sites' queues
     forwarded: tuple[str, frozenset[str]] = ("", frozenset())
     resent: dict[str, float] = field(default_factory=dict)  # site -> when it last got the whole task again
+    # (round, task id): an aggregate that is the model now, which the persistor holds uncommitted; the
+    # next round's opening commits it (RoundOpen.commits), or a model.commit if the job ends first
+    uncommitted: tuple[int, str] | None = None
+    committed_at: float = -1e9  # when the last model.commit or model.save went
 
 
 class ServerService:
@@ -219,13 +227,16 @@ class ServerService:
 
     # --- job lifecycle ----------------------------------------------------------------
 
-    def _publish_job_event(self, job: Job, spec: JobSpec | None = None) -> None:
+    def _publish_job_event(self, job: Job, spec: JobSpec | None = None, ordered: bool = False) -> None:
         meta = {"submitted_at": job.submitted_at, "started_at": job.started_at, "finished_at": job.finished_at}
         if spec is not None:
             meta.update({"deploy_map": spec.deploy_map, "min_clients": spec.min_clients,
                          "num_rounds": spec.sag.num_rounds, "start_round": spec.sag.start_round})
         ev = JobEvent(job.job_id, job.name, job.status, job.reason, meta, job.history)
-        self.bus.publish(self.names.events, rk_job(job.status), ev, headers={"job_id": job.job_id})
+        if ordered:  # behind a send (a model.commit), on the same channel
+            self.bus.send(self.names.events, rk_job(job.status), ev, headers={"job_id": job.job_id})
+        else:
+            self.bus.publish(self.names.events, rk_job(job.status), ev, headers={"job_id": job.job_id})
 
     def _start(self, job: Job, resumed: bool = False) -> None:
         spec = self._spec(job.job_id)
@@ -254,8 +265,13 @@ class ServerService:
             self.run_ = None
             if status != FINISHED and targets:
                 self._to_sites(list(targets), Control("abort", job.job_id))
+            # the last applied round gets saved (the job's end lets the persistor drop what it holds); the
+            # event then follows on the same channel, so it comes after the commit
+            ordered = self._commit_held(run)
+        else:
+            ordered = False
         self._save_state()
-        self._publish_job_event(job)
+        self._publish_job_event(job, ordered=ordered)
         log_fn = log.info if status == FINISHED else log.warning
         log_fn("job %s %s%s", job.job_id, status, f": {reason}" if reason else "")
 
@@ -306,6 +322,7 @@ class ServerService:
             job.job_id, r, run.task_id, targets, agg.expected_data_kind, agg.aggregation_weights,
             {k: v.dtype.str for k, v in w.items()}, {k: list(v.shape) for k, v in w.items()},
             agg.exclude_vars, agg.weigh_by_local_iter, persist, forward,
+            run.uncommitted[1] if run.uncommitted else "",
         )
         run.round_close = None
         run.resent = {}
@@ -506,19 +523,29 @@ class ServerService:
         if p is None or not should_persist(sag, m.round):
             self._advance(run)
             return
-        history = job.history[run.history_sent:]
-        run.history_sent = len(job.history)
-        save: ModelSave | ModelCommit
         final = m.round == sag.start_round + sag.num_rounds - 1
+        headers = {"job_id": job.job_id, "round": m.round}
         if run.round_open is not None and run.round_open.persist and m.task_id == run.task_id and same:
-            # the new global model is the aggregate, which the persistor got too: it saves that
-            save = ModelCommit(job.job_id, m.round, m.task_id, p.model_dir, p.model_name, history, final)
+            # The new global model is the aggregate, which the persistor got too and holds. A small one
+            # needs no model.commit of its own: the next round's opening names it (RoundOpen.commits), so
+            # that round's aggregate commits it. A commit still goes for the last round, for a large model
+            # (the persistor would otherwise hold two), and once a second with the rounds' history.
+            # It goes before the next task, so it reaches the persistor ahead of the next aggregate.
+            if (not final and time.monotonic() - run.committed_at < COMMIT_EVERY_S
+                    and sum(v.nbytes for v in run.weights.values()) < IMPLIED_COMMIT_MAX_BYTES):
+                run.uncommitted = (m.round, m.task_id)
+                self._advance(run)
+                return
+            run.uncommitted = None
+            save: ModelSave | ModelCommit = ModelCommit(job.job_id, m.round, m.task_id, p.model_dir, p.model_name,
+                                                        self._history_to_send(run), final)
             rk = RK_MODEL_COMMIT
         else:
-            save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name, history,
-                             final)
+            self._commit_held(run)  # a whole model.save lets the persistor drop what it holds
+            save = ModelSave(job.job_id, m.round, DXO(WEIGHTS, run.weights), p.model_dir, p.model_name,
+                             self._history_to_send(run), final)
             rk = RK_MODEL_SAVE
-        headers = {"job_id": job.job_id, "round": m.round}
+        run.committed_at = time.monotonic()
         if final:
             run.phase, run.phase_since = "saving", time.monotonic()  # the job ends once its model is on disk
 
@@ -538,6 +565,25 @@ class ServerService:
         else:
             self._advance(run)
             self.bus.send(self.names.events, rk, save, headers=headers)
+
+    @staticmethod
+    def _history_to_send(run: Run) -> list[dict[str, Any]]:
+        history = run.job.history[run.history_sent:]
+        run.history_sent = len(run.job.history)
+        return history
+
+    def _commit_held(self, run: Run) -> bool:
+        """model.commit for the aggregate the persistor holds uncommitted, if any (before the job ends or
+        a whole model.save, which let the persistor drop it). Sent like the task and the job's events,
+        in order on the sending channel."""
+        if run.uncommitted is None or run.spec.persistor is None:
+            return False
+        (rnd, task_id), run.uncommitted = run.uncommitted, None
+        p = run.spec.persistor
+        commit = ModelCommit(run.job.job_id, rnd, task_id, p.model_dir, p.model_name, self._history_to_send(run))
+        self.bus.send(self.names.events, RK_MODEL_COMMIT, commit, headers={"job_id": run.job.job_id, "round": rnd})
+        run.committed_at = time.monotonic()
+        return True
 
     def on_loaded(self, run: Run, m: ModelLoaded) -> None:
         if run.phase != "loading":

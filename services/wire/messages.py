@@ -220,6 +220,9 @@ class RoundOpen(Message):
     weigh_by_local_iter: bool = True
     persist: bool = False  # route the aggregate to the persistor too: it becomes the saved model
     forward: bool = False  # route the aggregate to the accepted sites too: it is their next model
+    # the task of an earlier round whose aggregate this round was built on and the server did not
+    # commit: its opening commits it (the aggregate carries this on to the persistor)
+    commits: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +260,7 @@ class RoundAggregated(Message):
     accepted: list[str]
     dxo: DXO | None = None
     task_id: str = ""
+    commits: str = ""  # from round.open: the persistor saves the held aggregate of that task
 
 
 # --- persistence ----------------------------------------------------------------------

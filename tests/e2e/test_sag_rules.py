@@ -193,3 +193,53 @@ def test_abort_stops_running_job_and_next_queued_job_runs(system: System, tmp_pa
     assert time.monotonic() - t0 < 30  # the sites stopped the aborted training
     assert system.admin.status(first)["status"] == "aborted"
     np.testing.assert_array_equal(final_model(system, second), BASE + 3)
+
+
+STALL = """
+from services.client.api import DXO, NUM_STEPS_CURRENT_ROUND, RC_TASK_ABORTED, WEIGHTS, Executor, TaskError
+
+
+class Stall(Executor):
+    def __init__(self, from_round=0, **_):
+        self.from_round = from_round
+
+    def execute(self, task_name, dxo, ctx):
+        if ctx.round >= self.from_round and ctx.abort.wait(600):
+            raise TaskError(RC_TASK_ABORTED, "aborted")
+        return DXO(WEIGHTS, {k: v + v.dtype.type(1) for k, v in dxo.data.items()}, {NUM_STEPS_CURRENT_ROUND: 1})
+"""
+
+
+def test_an_aborted_job_keeps_every_applied_round(system: System, tmp_path: Path) -> None:
+    """Small rounds are committed by the next round's opening, not each by a model.commit: the last
+    round applied before an abort still gets saved, and so does every round before it."""
+    import io
+
+    server = server_config({"min_clients": 2, "num_rounds": 100})
+    stall = {"format_version": 2, "executors": [{"tasks": ["train"], "executor": {"path": "stall.Stall",
+                                                                                  "args": {"from_round": 20}}}]}
+    apps = {"site-1": stall, "site-2": stall}
+    job = make_job(tmp_path, "abortfast", server, apps, min_clients=2)
+    for app in ("app_site_1", "app_site_2"):
+        (job / app / "custom").mkdir()
+        (job / app / "custom" / "stall.py").write_text(STALL)
+    job_id = system.launch(job, list(apps), "--allow-custom-code")
+    # rounds 0-19 take milliseconds; round 20 waits for the abort
+    wait_for(lambda: len(system.admin.status(job_id)["history"]) >= 20, 60, "20 rounds done")
+    system.admin.call("abort", {"job_id": job_id})
+    st = system.wait_job(job_id, 30)
+    assert st["status"] == "aborted", st
+    assert [h["round"] for h in st["history"] if "aggregated" in h] == list(range(20))
+    files: dict[str, bytes] = {}
+
+    def saved() -> bool:
+        files.update(system.admin.download(job_id))
+        return "models/round-19.npy" in files
+
+    wait_for(saved, 20, "round 19's snapshot")
+    np.testing.assert_array_equal(np.load(io.BytesIO(files["models/server.npy"])), BASE + 20)
+    for r in range(20):
+        np.testing.assert_array_equal(np.load(io.BytesIO(files[f"models/round-{r}.npy"])), BASE + r + 1)
+    persistor = next(p for p in system.stack.procs if p.name == "persistor").log.read_text()
+    implied = persistor.count("(committed by the next round's aggregate)")
+    assert 10 <= implied < 20 and persistor.count("(model.commit of its aggregate)") == 20 - implied, persistor

@@ -48,8 +48,8 @@ class Driver:
         if d.msg_type == ModelSaved.TYPE:
             self.saved.append(d.message(ModelSaved, self.s.max_body_bytes))
 
-    def aggregate(self, rnd: int, task_id: str, values: np.ndarray) -> None:
-        m = RoundAggregated(JOB, rnd, ["site-1"], DXO(WEIGHTS, {"numpy_key": values}), task_id)
+    def aggregate(self, rnd: int, task_id: str, values: np.ndarray, commits: str = "") -> None:
+        m = RoundAggregated(JOB, rnd, ["site-1"], DXO(WEIGHTS, {"numpy_key": values}), task_id, commits)
         self.bus.publish(self.bus.names.events, RK_ROUND_AGGREGATED_SAVE, m)
 
     def commit(self, rnd: int, task_id: str, final: bool = False) -> None:
@@ -103,7 +103,7 @@ def test_the_committed_aggregate_is_saved_as_the_model(fast: Settings, driver: D
         assert (saved[0].job_id, saved[0].round) == (JOB, 0) and saved[0].path.endswith("server.npy")
         np.testing.assert_array_equal(model_file(fast), values(1.5))
         job_dir = fast.workspace / "persistor" / "jobs" / JOB
-        assert json.loads((job_dir / "progress.json").read_text()) == {"last_round": 0}
+        assert (job_dir / "models" / "round-0.npy").samefile(job_dir / "models" / "server.npy")
         assert json.loads((job_dir / "history.json").read_text()) == [{"round": 0, "accepted": ["site-1"]}]
     nothing_left_behind(driver)
 
@@ -179,4 +179,50 @@ def test_saves_in_a_burst_are_confirmed_once_a_second_and_the_final_one_at_once(
         assert driver.saved[-1].round == 3
         for r in range(4):  # every round still has its snapshot
             assert (fast.workspace / "persistor" / "jobs" / JOB / "models" / f"round-{r}.npy").exists()
+    nothing_left_behind(driver)
+
+
+def snapshot(settings: Settings, rnd: int) -> np.ndarray:
+    return np.load(settings.workspace / "persistor" / "jobs" / JOB / "models" / f"round-{rnd}.npy")
+
+
+def test_an_aggregate_built_on_the_held_one_commits_it(fast: Settings, driver: Driver) -> None:
+    small = replace(fast, chunk_bytes=1 << 20)  # whole messages, as small models travel
+    with persistor(small) as svc:
+        driver.aggregate(0, "t0", values(0.5))
+        driver.commit(0, "t0")  # the first round of a run is committed by a model.commit
+        driver.wait_saved(1)
+        driver.aggregate(1, "t1", values(1.5))  # the server sent no commit for round 1: ...
+        driver.aggregate(2, "t2", values(2.5), commits="t1")  # ... round 2 was opened on it
+        wait_for(lambda: svc.store.last_round(JOB) == 1, 10, "round 1 to be saved")
+        np.testing.assert_array_equal(snapshot(small, 1), values(1.5))
+        driver.aggregate(3, "t3", values(3.5), commits="some-other-task")  # not what is held: not saved
+        wait_for(lambda: JOB in svc.aggregates and svc.aggregates[JOB].msg.round == 3, 10, "round 3 held")
+        assert svc.store.last_round(JOB) == 1
+        assert not (small.workspace / "persistor" / "jobs" / JOB / "models" / "round-2.npy").exists()
+        driver.commit(3, "t3", final=True)
+        saved = driver.wait_saved(2)
+        assert saved[-1].round == 3 and saved[-1].path.endswith("server.npy")
+        np.testing.assert_array_equal(model_file(small), values(3.5))
+    nothing_left_behind(driver)
+
+
+def test_a_restarted_persistor_commits_to_where_the_job_was_saved(fast: Settings, driver: Driver) -> None:
+    small = replace(fast, chunk_bytes=1 << 20)
+    with persistor(small):
+        driver.bus.publish(driver.bus.names.events, RK_MODEL_COMMIT,
+                           ModelCommit(JOB, 0, "t0", "elsewhere", "m.npy"))
+        driver.aggregate(0, "t0", values(0.5))
+        driver.wait_saved(1)
+        driver.aggregate(1, "t1", values(1.5))
+    # a new persistor process: round 1's aggregate comes again, then round 2's, built on it
+    with persistor(small) as svc:
+        wait_for(lambda: JOB in svc.aggregates, 10, "round 1 held again")
+        driver.aggregate(2, "t2", values(2.5), commits="t1")
+        wait_for(lambda: svc.store.last_round(JOB) == 1, 10, "round 1 to be saved")
+        folder = small.workspace / "persistor" / "jobs" / JOB / "elsewhere"
+        np.testing.assert_array_equal(np.load(folder / "m.npy"), values(1.5))
+        assert (folder / "round-1.npy").samefile(folder / "m.npy")
+        driver.bus.publish(driver.bus.names.events, rk_job("finished"), JobEvent(JOB, "x", "finished"))
+        wait_for(lambda: JOB not in svc.aggregates, 10, "the held aggregate to go with the job")
     nothing_left_behind(driver)

@@ -58,3 +58,34 @@ def test_last_round_follows_saves(tmp_path: Path) -> None:
     assert st.last_round(JOB) is None
     st.save(JOB, 4, {"numpy_key": np.zeros(3, np.float32)}, "models", "server.npy")
     assert st.last_round(JOB) == 4 and ModelStore(tmp_path).last_round(JOB) == 4  # cached, and on disk
+
+
+def test_the_last_save_is_the_snapshot_the_model_still_is(tmp_path: Path) -> None:
+    st = ModelStore(tmp_path)
+    for r in (0, 1, 2):
+        st.save(JOB, r, {"numpy_key": np.full(3, r, np.float32)}, "out", "m.npy")
+    assert ModelStore(tmp_path).last_saved(JOB) == (2, "out", "m.npy")
+    st.save(JOB, 1, {"numpy_key": np.full(3, 7, np.float32)}, "out", "m.npy")  # a resumed job ran round 1 again
+    again = ModelStore(tmp_path)
+    assert again.last_saved(JOB) == (1, "out", "m.npy")  # not the highest snapshot: round-2 is history now
+    assert not (tmp_path / "persistor" / "jobs" / JOB / "progress.json").exists()
+
+
+def test_a_crash_between_snapshot_and_rename_leaves_the_previous_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = ModelStore(tmp_path)
+    st.save(JOB, 3, {"numpy_key": np.full(3, 3, np.float32)}, "models", "server.npy")
+
+    def crash(src: str, dst: str) -> None:
+        raise KeyboardInterrupt  # killed after the snapshot was linked, before the model was renamed
+
+    monkeypatch.setattr(store_mod.os, "replace", crash)
+    monkeypatch.setattr("services.wire.files.os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        st.save(JOB, 4, {"numpy_key": np.full(3, 4, np.float32)}, "models", "server.npy")
+    monkeypatch.undo()
+    models = tmp_path / "persistor" / "jobs" / JOB / "models"
+    (models / ".left-by-a-crash.tmp").hardlink_to(models / "round-4.npy")  # as if the temp file had survived
+    st2 = ModelStore(tmp_path)
+    assert st2.last_saved(JOB) == (3, "models", "server.npy")
+    weights, source, last = st2.load(JOB, "models", "server.npy", None)
+    assert (source, last) == ("saved", 3) and weights["numpy_key"].tolist() == [3, 3, 3]
