@@ -61,3 +61,9 @@ class Executor:
     def execute(self, task_name: str, dxo: DXO, ctx: TaskContext) -> DXO:  # pragma: no cover - interface
         """Run one task on the global model in dxo and return the site's result."""
         raise NotImplementedError
+
+    def quick(self, task_name: str, dxo: DXO) -> bool:
+        """Whether this task takes well under a millisecond or so, never waits and never blocks: the
+        site then runs it on its I/O thread, without the hand-offs to and from its worker thread (a
+        good part of a small round). The default, False, is right for any real training."""
+        return False

@@ -48,6 +48,7 @@ class ClientState:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     current: _Work | None = None
+    queued: int = 0  # tasks handed to the worker and not finished yet
     apps: dict[str, App] = field(default_factory=dict)
     aborted_jobs: set[str] = field(default_factory=set)
 
@@ -218,7 +219,42 @@ class ClientService:
                 log.info("round %d of job %s supersedes round %d; stopping it", task.round, task.job_id, cur.task.round)
                 cur.ctx.abort.set()
         log.info("task %s round %d of job %s received", task.task_name, task.round, task.job_id)
-        self.work.put(_Work(task, ctx))
+        w = _Work(task, ctx)
+        if self._quick(task):
+            self._run_here(w)
+            return
+        with self.state.lock:
+            self.state.queued += 1
+        self.work.put(w)
+
+    def _quick(self, task: TrainTask) -> bool:
+        """A task its (deployed) executor calls quick, with the worker idle: run on this thread."""
+        with self.state.lock:
+            if self.state.queued or task.job_id in self.state.aborted_jobs:
+                return False
+            app = self.state.apps.get(task.job_id)
+        executor = app.executors.get(task.task_name) if app is not None else None
+        try:
+            return executor is not None and bool(executor.quick(task.task_name, task.dxo))
+        except Exception:  # the job's code: a broken quick() just means the worker runs it
+            log.exception("executor %s: quick() failed", type(executor).__name__)
+            return False
+
+    def _run_here(self, w: _Work) -> None:
+        """Run a quick task on the I/O thread and send its result at once."""
+        with self.state.lock:
+            self.state.current = w
+        self._run_current(w)
+        self.flush_results()
+
+    def _run_current(self, w: _Work) -> None:
+        """Run the site's current task (state.current, set by the caller); its result goes to the outbox."""
+        try:
+            result = self._run(w)
+        finally:
+            with self.state.lock:
+                self.state.current = None
+        self.outbox.put(result)
 
     def on_control(self, c: Control) -> None:
         """Abort a job's work, or shut down."""
@@ -246,6 +282,7 @@ class ClientService:
                 return
             with self.state.lock:
                 if w.task.job_id in self.state.aborted_jobs:
+                    self.state.queued -= 1
                     continue
                 # A forwarded model can arrive while the site's last large result still waits for the
                 # broker's confirm (kept in memory to send again after a lost connection): training now
@@ -254,13 +291,10 @@ class ClientService:
                     log.warning("round %d of job %s starts before the last result was confirmed (%g s)",
                                 w.task.round, w.task.job_id, LARGE_RESULT_WAIT_S)
                 self.state.current = w
-            try:
-                result = self._run(w)
-            finally:
-                with self.state.lock:
-                    self.state.current = None
-            self.outbox.put(result)
-            del w, result  # the next task may be a whole model: do not keep this one's alive meanwhile
+            self._run_current(w)
+            with self.state.lock:
+                self.state.queued -= 1
+            del w  # the next task may be a whole model: do not keep this one's alive meanwhile
             try:
                 self.bus.call_threadsafe(self.flush_results)
             except SagmqError:

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from services.wire.errors import SagmqError
-from services.wire.files import atomic_write, atomic_write_with
+from services.wire.files import atomic_write, atomic_write_with, write_npy
 from services.wire.settings import check_name
 
 NUMPY_KEY = "numpy_key"
@@ -39,7 +39,7 @@ def write_model(f: BinaryIO, weights: dict[str, np.ndarray], npz: bool) -> None:
         np.savez(f, **weights)
     else:
         (arr,) = weights.values()
-        np.save(f, arr, allow_pickle=False)
+        write_npy(f, arr)
 
 
 class ModelStore:

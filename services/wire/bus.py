@@ -437,7 +437,8 @@ class Bus:
                     if self._conn is None:
                         raise px.AMQPConnectionError("not connected")
                     self._fast = self._conn.channel()
-                self._fast.basic_publish(exchange, routing_key, body, props)
+                self._fast._impl.basic_publish(exchange, routing_key, body, props)
+                self._write_now()
                 return
             except _CONNECTION_ERRORS as e:
                 if attempt == 2:
@@ -551,7 +552,7 @@ class Bus:
                 snd.unconfirmed += 1
                 self._by_message_id[mid] = snd
                 del body, nxt
-                self._conn._flush_output()  # write it out now (input keeps being read meanwhile)
+                self._write_now()
             if not snd.all_sent:
                 return  # the window is full: later sends wait their turn, keeping the order
 
@@ -611,7 +612,9 @@ class Bus:
     def _schedule_settle(self) -> None:
         if not self._settle_due and self._conn is not None:
             self._settle_due = True
-            self._conn.add_callback_threadsafe(self._settle)  # runs outside the I/O loop, like a delivery
+            # runs outside pika's I/O callbacks, like a delivery; a timer, as this is the connection's own
+            # thread (add_callback_threadsafe would wake the loop through its socket pair)
+            self._conn.call_later(0, self._settle)
 
     def _settle(self) -> None:
         """Finish the sends that are confirmed or failed, then send more."""
@@ -790,7 +793,27 @@ class Bus:
         if d.generation != self._generation or self._ch is None:
             log.debug("not acking %s: its channel was replaced (the broker redelivers it)", d.message_id)
             return
-        self._ch.basic_ack(d.tag)
+        self._ch._impl.basic_ack(d.tag)
+        self._write_now()
+
+    def _write_now(self) -> None:
+        """Write the frames pika has buffered now, with one sendmsg, instead of by a turn of its I/O loop
+        (a poll and its timers: for a small message, a good part of what a publish or an ack costs).
+        What the socket does not take now, and any socket error, is left to the loop: it keeps writing
+        once the socket can take more, and handles errors as before."""
+        conn = self._conn
+        t = conn._impl._transport if conn is not None else None
+        if t is None or not t._tx_buffers or t._state != t._STATE_ACTIVE:
+            return
+        if isinstance(t._sock, ssl.SSLSocket):
+            conn._flush_output()
+            return
+        try:
+            _produce_gathered(t)
+        except OSError:
+            return
+        if not t._tx_buffers:
+            t._nbio.remove_writer(t._sock.fileno())
 
     def dead_letter(self, d: Delivery, reason: str) -> None:
         """Log the reason, copy the message to P.dead with it, then ack the original."""

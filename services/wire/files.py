@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+import numpy as np
 
 
 def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
@@ -46,3 +50,40 @@ def atomic_write_with(
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    d = {"descr": descr, "fortran_order": False, "shape": shape}
+    try:
+        np.lib.format.write_array_header_1_0(buf, d)
+    except ValueError:  # a header over 64 KiB: format 2.0, as np.save picks then
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, d)
+    return buf.getvalue()
+
+
+def write_npy(f: BinaryIO, arr: np.ndarray) -> None:
+    """np.save(f, arr, allow_pickle=False), the same bytes, for a fraction of its time on a small array
+    (np.save builds and formats the header anew each call: about 0.15 ms, when a round of a small model
+    takes a few ms). The header of a C-ordered array of a plain dtype is made once per dtype and shape."""
+    descr = np.lib.format.dtype_to_descr(arr.dtype)
+    if not isinstance(descr, str) or arr.dtype.hasobject or not arr.flags.c_contiguous:
+        np.save(f, arr, allow_pickle=False)
+        return
+    f.write(_npy_header(descr, arr.shape))
+    f.write(arr.data if arr.ndim else arr.reshape(1).data)
+
+
+def overwrite_npy(path: Path, arr: np.ndarray) -> None:
+    """np.save(path, arr) (".npy" added if missing), writing over the old file in place and cutting it
+    only if it shrank. np.save truncates first, and freeing the old blocks costs a filesystem like ext4
+    about 0.1 ms: more than the rest of a small model's round at a site. (Like np.save, not atomic.)"""
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    with open(fd, "wb", closefd=True) as f:  # "wb" on a descriptor: no truncation
+        write_npy(f, arr)
+        if f.tell() != os.fstat(fd).st_size:
+            f.truncate()
