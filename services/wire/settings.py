@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -15,6 +16,12 @@ from services.wire.errors import ConfigError
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}")
+
+
+@functools.lru_cache(maxsize=16)
+def _url_user(url: str) -> str:
+    """(Checked against every message's user_id: parsed once.)"""
+    return unquote(urlparse(url).username or "guest")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +54,7 @@ class Settings:
     @property
     def amqp_user(self) -> str:
         """The user name in the AMQP URL (the broker validates it as user_id)."""
-        return unquote(urlparse(self.amqp_url).username or "guest")
+        return _url_user(self.amqp_url)
 
     def with_site(self, site: str) -> Settings:
         """A copy naming this process's site, validated."""
