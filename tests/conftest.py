@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from services.cli.admin import AdminClient
-from services.cli.procs import LocalStack
-from services.wire.bus import Bus, delete_topology
-from services.wire.errors import BrokerUnavailable, SagmqError
-from services.wire.jobspec import read_job_folder
-from services.wire.settings import Settings, load_settings
-from services.wire.topology import service_topology, site_topology
+from sagmq.cli.admin import AdminClient
+from sagmq.cli.procs import LocalStack
+from sagmq.job.spec import read_job_folder
+from sagmq.wire.bus import Bus, delete_topology
+from sagmq.wire.errors import BrokerUnavailable, SagmqError
+from sagmq.wire.settings import Settings, load_settings
+from sagmq.wire.topology import service_topology, site_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -169,7 +169,7 @@ def service_thread(name: str, bus_settings: Settings, build: Callable[[Bus], Any
 def aggregator_thread(bus_settings: Settings, grace_s: float, tick_s: float = 0.1,
                       service_settings: Settings | None = None) -> Iterator[Any]:
     """An AggregatorService on its own bus, served by a thread, stopped afterwards."""
-    from services.aggregator.main import AggregatorService
+    from sagmq.aggregator.main import AggregatorService
 
     def serve(svc: AggregatorService, bus: Bus) -> None:
         svc.start()

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from services.wire.codec import DATA_KINDS, DXO
-from services.wire.errors import Rejected
-from services.wire.jobspec import AggregatorConfig
-from services.wire.messages import RC_OK
+from sagmq.job.spec import AggregatorConfig
+from sagmq.wire.codec import DATA_KINDS, DXO
+from sagmq.wire.errors import Rejected
+from sagmq.wire.messages import RC_OK
 
 NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from services.aggregator.accumulator import Accumulator, VarSpec
-from services.wire.blob import check_data_part, is_part, part_info, refs
-from services.wire.bus import Bus, Delivery
-from services.wire.codec import check_plain, unpack
-from services.wire.errors import DecodeError, Rejected, SagmqError
-from services.wire.jobspec import AggregatorConfig
-from services.wire.lifecycle import serve
-from services.wire.messages import (
+from sagmq.aggregator.accumulator import Accumulator, VarSpec
+from sagmq.job.spec import AggregatorConfig
+from sagmq.runtime.lifecycle import serve
+from sagmq.wire.blob import check_data_part, is_part, part_info, refs
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.codec import check_plain, unpack
+from sagmq.wire.errors import DecodeError, Rejected, SagmqError
+from sagmq.wire.messages import (
     ABORTED,
     FAILED,
     FINISHED,
@@ -37,8 +37,8 @@ from services.wire.messages import (
     TaskResult,
     from_wire,
 )
-from services.wire.settings import Settings
-from services.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, rk_aggregate
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, rk_aggregate
 
 log = logging.getLogger(__name__)
 

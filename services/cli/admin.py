@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.wire.bus import Bus
-from services.wire.errors import RpcTimeout, SagmqError
-from services.wire.messages import AdminReply, AdminRequest
-from services.wire.settings import Settings
-from services.wire.topology import RK_ADMIN_PERSISTOR, RK_ADMIN_SERVER, service_topology
+from sagmq.wire.bus import Bus
+from sagmq.wire.errors import RpcTimeout, SagmqError
+from sagmq.wire.messages import AdminReply, AdminRequest
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import RK_ADMIN_PERSISTOR, RK_ADMIN_SERVER, service_topology
 
 
 class AdminClient:

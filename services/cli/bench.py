@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from services.cli.admin import AdminClient
-from services.cli.floor import measure_floor, median
-from services.cli.procs import LocalStack, Proc
-from services.wire.bus import delete_topology
-from services.wire.errors import SagmqError
-from services.wire.jobspec import read_job_folder
-from services.wire.settings import Settings
-from services.wire.topology import service_topology, site_topology
+from sagmq.cli.admin import AdminClient
+from sagmq.cli.floor import measure_floor, median
+from sagmq.cli.procs import LocalStack, Proc
+from sagmq.job.spec import read_job_folder
+from sagmq.wire.bus import delete_topology
+from sagmq.wire.errors import SagmqError
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import service_topology, site_topology
 
 NV = "nvflare.app_common"
 

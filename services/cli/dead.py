@@ -6,11 +6,11 @@ import datetime as dt
 import json
 from typing import Any
 
-from services.wire.bus import Bus, Delivery
-from services.wire.codec import unpack
-from services.wire.errors import DecodeError, SagmqError
-from services.wire.settings import Settings
-from services.wire.topology import service_topology
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.codec import unpack
+from sagmq.wire.errors import DecodeError, SagmqError
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import service_topology
 
 
 def _entries(s: Settings, limit: int) -> list[Delivery]:

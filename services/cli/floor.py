@@ -17,9 +17,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from services.wire.bus import Bus, Delivery
-from services.wire.settings import Settings
-from services.wire.topology import DIRECT, Binding, Exchange, Queue, Topology
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import DIRECT, Binding, Exchange, Queue, Topology
 
 
 def floor_topology(prefix: str, n: int) -> Topology:

@@ -11,11 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from services.wire.errors import EXIT_BROKER, EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE, BrokerUnavailable, ConfigError, \
-    JobSpecError, SagmqError
-from services.wire.jobspec import parse_job, read_job_folder
-from services.wire.messages import ABORTED, FAILED, FINISHED
-from services.wire.settings import Settings, load_settings
+from sagmq.cli.jobs import wait_job, write_files
+from sagmq.job.spec import parse_job, read_job_folder
+from sagmq.wire.errors import (
+    EXIT_BROKER,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_USAGE,
+    BrokerUnavailable,
+    ConfigError,
+    JobSpecError,
+    SagmqError,
+)
+from sagmq.wire.messages import ABORTED, FAILED, FINISHED
+from sagmq.wire.settings import Settings, load_settings
 
 SERVICES = ("server", "aggregator", "persistor", "client")
 
@@ -28,49 +37,9 @@ def broker_help(e: BrokerUnavailable) -> str:
 
 
 def _admin(settings: Settings) -> Any:
-    from services.cli.admin import AdminClient
+    from sagmq.cli.admin import AdminClient
 
     return AdminClient(settings)
-
-
-def write_files(out: Path, files: dict[str, bytes]) -> None:
-    """Write downloaded files under out, refusing paths that escape it."""
-    root = out.resolve()
-    for rel, data in files.items():
-        target = (root / rel).resolve()
-        if root not in target.parents:
-            raise SagmqError(f"refusing to write {rel!r} outside {out}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-
-
-def format_round(h: dict[str, Any]) -> str:
-    """One line of progress for a finished round."""
-    rej = h.get("rejected") or []
-    text = f"round {h['round']}: {len(h.get('aggregated', h.get('accepted', [])))} accepted"
-    if h.get("aggregated"):
-        text += f" ({', '.join(h['aggregated'])})"
-    if rej:
-        text += f", {len(rej)} rejected (" + "; ".join(f"{x['site']}: {x['reason']}" for x in rej) + ")"
-    if "seconds" in h:
-        text += f" in {h['seconds']:.3f} s"
-    return text + (f" [{h['close_reason']}]" if h.get("close_reason") else "")
-
-
-def wait_job(admin: Any, job_id: str, timeout_s: float | None, out: Any = sys.stdout) -> dict[str, Any]:
-    """Poll a job's status, printing each finished round, until it ends or time runs out."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    shown = 0
-    while True:
-        st = admin.status(job_id)
-        for h in st.get("history", [])[shown:]:
-            print(format_round(h), file=out, flush=True)
-        shown = len(st.get("history", []))
-        if st["status"] in (FINISHED, FAILED, ABORTED):
-            return st
-        if deadline is not None and time.monotonic() > deadline:
-            raise SagmqError(f"job {job_id} still {st['status']} after {timeout_s:g} s")
-        time.sleep(0.1)
 
 
 def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
@@ -156,7 +125,7 @@ def cmd_shutdown(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_dead(s: Settings, a: argparse.Namespace) -> int:
-    from services.cli.dead import dead_list, dead_show
+    from sagmq.cli.dead import dead_list, dead_show
 
     if a.action == "show":
         if not a.id:
@@ -166,19 +135,19 @@ def cmd_dead(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_bench(s: Settings, a: argparse.Namespace) -> int:
-    from services.cli.bench import run_bench
+    from sagmq.cli.bench import run_bench
 
     return run_bench(s, a)
 
 
 def cmd_poc(s: Settings, a: argparse.Namespace) -> int:
-    from services.cli.poc import run_poc
+    from sagmq.cli.poc import run_poc
 
     return run_poc(s, a)
 
 
 def cmd_provision(s: Settings, a: argparse.Namespace) -> int:
-    from services.cli.provision import write_provision
+    from sagmq.cli.provision import write_provision
 
     sites = [x.strip() for x in a.sites.split(",") if x.strip()]
     write_provision(Path(a.out), sites, a.prefix, a.vhost, a.host, a.port, a.tls, force=a.force)
@@ -209,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("shutdown", help="stop services: all, server, or client NAME")
     sp.add_argument("target", choices=["all", "server", "client"])
     sp.add_argument("name", nargs="?")
-    from services.cli.bench import add_parser as add_bench
+    from sagmq.cli.bench import add_parser as add_bench
 
     add_bench(sub)
     sp = sub.add_parser("dead", help="list dead-lettered messages and why, or show one")
@@ -267,7 +236,7 @@ def run_service(name: str, argv: list[str]) -> int:
     """Start one service in this process."""
     import importlib
 
-    module = importlib.import_module(f"services.{name}.main")
+    module = importlib.import_module(f"sagmq.{name}.main")
     try:
         return int(module.main(argv))
     except ConfigError as e:

@@ -12,25 +12,24 @@ from pathlib import Path
 
 import numpy as np
 
-from services.cli.admin import AdminClient
-from services.cli.main import wait_job, write_files
-from services.cli.procs import LocalStack
-from services.wire.bus import Bus, delete_topology
-from services.wire.errors import EXIT_FAILED, SagmqError
-from services.wire.jobspec import parse_job, read_job_folder
-from services.wire.messages import FINISHED
-from services.wire.settings import Settings
-from services.wire.topology import service_topology, site_topology
-
-DEFAULT_JOB = Path(__file__).resolve().parents[2] / "jobs" / "hello-numpy-sag"
+from sagmq.cli.admin import AdminClient
+from sagmq.cli.jobs import wait_job, write_files
+from sagmq.cli.procs import LocalStack
+from sagmq.job.examples import example_job
+from sagmq.job.spec import parse_job, read_job_folder
+from sagmq.wire.bus import Bus, delete_topology
+from sagmq.wire.errors import EXIT_FAILED, SagmqError
+from sagmq.wire.messages import FINISHED
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import service_topology, site_topology
 
 
 def default_job() -> Path:
-    """jobs/hello-numpy-sag of this checkout, or of the current folder."""
-    for p in (Path("jobs/hello-numpy-sag"), DEFAULT_JOB):
-        if p.is_dir():
-            return p
-    raise SagmqError("no job folder given and jobs/hello-numpy-sag not found")
+    """jobs/hello-numpy-sag of the current folder, else the copy installed with sagmq."""
+    local = Path("jobs/hello-numpy-sag")
+    if local.is_dir():
+        return local
+    return example_job("hello-numpy-sag")
 
 
 def run_poc(s: Settings, a: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ class LocalStack:
         log = self.log_dir / f"{name}.log"
         full_env = {**os.environ, "SAGMQ_EXIT_WITH_PARENT": "1", **self.env, **(env or {})}
         with open(log, "ab") as f:
-            p = subprocess.Popen([sys.executable, "-m", "services.cli.main", *args], env=full_env,
+            p = subprocess.Popen([sys.executable, "-m", "sagmq.cli.main", *args], env=full_env,
                                  stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         proc = Proc(name, p, log)
         self.procs.append(proc)

@@ -1,7 +1,7 @@
 """`sagmq provision`: RabbitMQ definitions (vhost, users, least-privilege permissions, topology) and env files.
 
 ``build_definitions`` is pure (no I/O): it derives every exchange, queue and binding from
-``services.wire.topology`` and computes each user's permissions from what that user's code does on
+``sagmq.wire.topology`` and computes each user's permissions from what that user's code does on
 the wire (the ``*_ops`` functions below mirror the ``publish``/``consume``/``declare`` calls of the
 services).  ``write_provision`` writes ``definitions.json`` (for ``rabbitmqctl import_definitions``
 or ``load_definitions``), ``sites/<site>.env`` and ``services/<service>.env``, all mode 0600.
@@ -72,10 +72,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from services.wire.errors import ConfigError
-from services.wire.messages import JOB_STATUSES
-from services.wire.settings import check_name
-from services.wire.topology import (
+from sagmq.wire.errors import ConfigError
+from sagmq.wire.messages import JOB_STATUSES
+from sagmq.wire.settings import check_name
+from sagmq.wire.topology import (
     RK_ADMIN_PERSISTOR,
     RK_ADMIN_SERVER,
     RK_CONTRIBUTION,

@@ -11,8 +11,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS
-from services.wire.messages import (
+from sagmq.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS
+from sagmq.wire.messages import (
     RC_BAD_TASK_DATA,
     RC_EXECUTION_EXCEPTION,
     RC_TASK_ABORTED,

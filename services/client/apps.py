@@ -10,11 +10,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.client.api import Executor, TaskError
-from services.client.trainer import NPTrainer
-from services.wire.jobspec import TRAINER, ExecutorSpec, app_for_site, parse_client_config
-from services.wire.errors import JobSpecError
-from services.wire.messages import RC_BAD_TASK_DATA, RC_EXECUTION_EXCEPTION, RC_TASK_UNKNOWN, RC_UNSAFE_JOB, Files
+from sagmq.client.api import Executor, TaskError
+from sagmq.client.trainer import NPTrainer
+from sagmq.job.spec import TRAINER, ExecutorSpec, app_for_site, parse_client_config
+from sagmq.wire.errors import JobSpecError
+from sagmq.wire.messages import RC_BAD_TASK_DATA, RC_EXECUTION_EXCEPTION, RC_TASK_UNKNOWN, RC_UNSAFE_JOB, Files
 
 log = logging.getLogger(__name__)
 _import_lock = threading.Lock()
@@ -45,7 +45,7 @@ def _load_custom(spec: ExecutorSpec, custom_dir: Path) -> Executor:
             for name in set(sys.modules) - before:  # a later job may ship a module of the same name
                 del sys.modules[name]
     if not (isinstance(cls, type) and issubclass(cls, Executor)):
-        raise TaskError(RC_EXECUTION_EXCEPTION, f"{spec.path} is not a subclass of services.client.api.Executor")
+        raise TaskError(RC_EXECUTION_EXCEPTION, f"{spec.path} is not a subclass of sagmq.client.api.Executor")
     try:
         return cls(**spec.args)
     except TypeError as e:

@@ -12,13 +12,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from services.client.api import TaskContext, TaskError
-from services.client.apps import App, deploy
-from services.wire.bus import Bus, Delivery
-from services.wire.errors import Rejected, SagmqError
-from services.wire.lifecycle import serve
-from services.wire.codec import DXO, WEIGHTS
-from services.wire.messages import (
+from sagmq.client.api import TaskContext, TaskError
+from sagmq.client.apps import App, deploy
+from sagmq.runtime.lifecycle import serve
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.codec import DXO, WEIGHTS
+from sagmq.wire.errors import Rejected, SagmqError
+from sagmq.wire.messages import (
     RC_EXECUTION_EXCEPTION,
     RC_OK,
     RC_TASK_UNKNOWN,
@@ -28,8 +28,8 @@ from services.wire.messages import (
     TaskResult,
     TrainTask,
 )
-from services.wire.settings import Settings, default_site_name, load_settings
-from services.wire.topology import RK_HEARTBEAT, RK_RESULT, site_topology
+from sagmq.wire.settings import Settings, default_site_name, load_settings
+from sagmq.wire.topology import RK_HEARTBEAT, RK_RESULT, site_topology
 
 log = logging.getLogger(__name__)
 LARGE_RESULT_BYTES = 2**20  # a result this large makes the next task wait for its confirm

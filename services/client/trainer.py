@@ -9,19 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from services.client.api import (
+from sagmq.client.api import (
+    DXO,
     NUM_STEPS_CURRENT_ROUND,
     RC_BAD_TASK_DATA,
     RC_TASK_ABORTED,
     RC_TASK_UNKNOWN,
-    DXO,
     WEIGHTS,
     Executor,
     TaskContext,
     TaskError,
 )
-from services.wire.files import overwrite_npy
-
+from sagmq.storage.files import overwrite_npy
 
 BACKGROUND_SAVE_BYTES = 1 << 20  # local models from this size on are saved in a thread
 QUICK_BYTES = 256 << 10  # with no sleep_time, a model up to this size is trained on the site's I/O thread

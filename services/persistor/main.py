@@ -8,12 +8,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from services.persistor.store import ModelStore
-from services.wire.bus import Bus, Delivery
-from services.wire.codec import DXO, WEIGHTS
-from services.wire.errors import Rejected, SagmqError
-from services.wire.lifecycle import serve
-from services.wire.messages import (
+from sagmq.persistor.store import ModelStore
+from sagmq.runtime.lifecycle import serve
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.codec import DXO, WEIGHTS
+from sagmq.wire.errors import Rejected, SagmqError
+from sagmq.wire.messages import (
+    ABORTED,
+    FAILED,
+    FINISHED,
     AdminReply,
     AdminRequest,
     Control,
@@ -24,12 +27,9 @@ from services.wire.messages import (
     ModelSave,
     ModelSaved,
     RoundAggregated,
-    FINISHED,
-    FAILED,
-    ABORTED,
 )
-from services.wire.settings import Settings
-from services.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED
 
 log = logging.getLogger(__name__)
 SAVED_EVERY_S = 1.0

@@ -23,9 +23,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from services.wire.errors import SagmqError
-from services.wire.files import atomic_write, atomic_write_with, write_npy
-from services.wire.settings import check_name
+from sagmq.storage.files import atomic_write, atomic_write_with, write_npy
+from sagmq.wire.errors import SagmqError
+from sagmq.wire.settings import check_name
 
 NUMPY_KEY = "numpy_key"
 DEFAULT_MODEL = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]

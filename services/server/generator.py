@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS
-from services.wire.errors import SagmqError
+from sagmq.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS
+from sagmq.wire.errors import SagmqError
 
 
 def apply_aggregate(global_weights: dict[str, np.ndarray], dxo: DXO | None) -> dict[str, np.ndarray]:

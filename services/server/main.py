@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from services.server.generator import apply_aggregate
-from services.server.workflow import RoundMachine, should_persist
-from services.wire.bus import Bus, Delivery
-from services.wire.codec import DXO, WEIGHTS, pack, unpack
-from services.wire.errors import JobSpecError, Rejected, SagmqError
-from services.wire.files import atomic_write
-from services.wire.jobspec import JobSpec, parse_job
-from services.wire.lifecycle import serve
-from services.wire.messages import (
+from sagmq.job.spec import JobSpec, parse_job
+from sagmq.runtime.lifecycle import serve
+from sagmq.server.generator import apply_aggregate
+from sagmq.server.workflow import RoundMachine, should_persist
+from sagmq.storage.files import atomic_write
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.codec import DXO, WEIGHTS, pack, unpack
+from sagmq.wire.errors import JobSpecError, Rejected, SagmqError
+from sagmq.wire.messages import (
     ABORTED,
     FAILED,
     FINISHED,
@@ -34,9 +34,9 @@ from services.wire.messages import (
     Contribution,
     Control,
     JobEvent,
+    ModelCommit,
     ModelLoad,
     ModelLoaded,
-    ModelCommit,
     ModelSave,
     ModelSaved,
     RoundAggregated,
@@ -44,10 +44,10 @@ from services.wire.messages import (
     RoundOpen,
     TrainTask,
 )
-from services.wire.settings import Settings
-from services.wire.topology import (
-    RK_MODEL_LOAD,
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import (
     RK_MODEL_COMMIT,
+    RK_MODEL_LOAD,
     RK_MODEL_SAVE,
     RK_ROUND_CLOSE,
     RK_ROUND_OPEN,

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from services.wire.jobspec import SAGConfig
-from services.wire.messages import RC_OK
+from sagmq.job.spec import SAGConfig
+from sagmq.wire.messages import RC_OK
 
 
 @dataclass(slots=True)

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from services.wire.codec import ALLOWED_DTYPES, MAX_NDIM, pack, unpack
-from services.wire.errors import DecodeError
+from sagmq.wire.codec import ALLOWED_DTYPES, MAX_NDIM, pack, unpack
+from sagmq.wire.errors import DecodeError
 
 H_BLOB = "x-sagmq-blob"
 H_PART = "x-sagmq-part"

@@ -24,8 +24,8 @@ from typing import Any
 import pika
 import pika.exceptions as px
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
+from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -35,12 +35,12 @@ from tenacity import (
     wait_random,
 )
 
-from services.wire.errors import BrokerRefused, BrokerUnavailable, DecodeError, Rejected, RpcTimeout, SagmqError
-from services.wire.blob import H_BLOB, H_PART, Assembly, is_part, part_info, split
-from services.wire.codec import pack
-from services.wire.messages import SCHEMA_VERSION, M, Message, bulk_bytes, decode, from_wire
-from services.wire.settings import Settings
-from services.wire.topology import Names, Topology
+from sagmq.wire.blob import H_BLOB, H_PART, Assembly, is_part, part_info, split
+from sagmq.wire.codec import pack
+from sagmq.wire.errors import BrokerRefused, BrokerUnavailable, DecodeError, Rejected, RpcTimeout, SagmqError
+from sagmq.wire.messages import SCHEMA_VERSION, M, Message, bulk_bytes, decode, from_wire
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import Names, Topology
 
 log = logging.getLogger(__name__)
 

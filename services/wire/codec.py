@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from services.wire.errors import DecodeError
+from sagmq.wire.errors import DecodeError
 
 # dtype.str values accepted on the wire (always little-endian or byte-order free).
 ALLOWED_DTYPES = frozenset(

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from services.wire.blob import array_bytes
-from services.wire.codec import DXO, check_plain, decode_dxo, encode_dxo, pack, unpack
-from services.wire.errors import DecodeError
+from sagmq.wire.blob import array_bytes
+from sagmq.wire.codec import DXO, check_plain, decode_dxo, encode_dxo, pack, unpack
+from sagmq.wire.errors import DecodeError
 
 SCHEMA_VERSION = "1"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from services.wire.errors import ConfigError
+from sagmq.wire.errors import ConfigError
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.wire.errors import SagmqError
+from sagmq.wire.errors import SagmqError
 from tests.conftest import JOBS, SAGMQ, System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]

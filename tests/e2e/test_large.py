@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.wire.bus import Bus
-from services.wire.jobspec import read_job_folder
-from services.wire.topology import Names, rk_aggregate
+from sagmq.job.spec import read_job_folder
+from sagmq.wire.bus import Bus
+from sagmq.wire.topology import Names, rk_aggregate
 from tests.conftest import System
 from tests.e2e.jobmaker import make_job, np_trainer, server_config
 

@@ -9,10 +9,10 @@ import numpy as np
 import pika
 import pytest
 
-from services.wire.codec import DXO
-from services.wire.jobspec import read_job_folder
-from services.wire.messages import TaskResult
-from services.wire.topology import Names
+from sagmq.job.spec import read_job_folder
+from sagmq.wire.codec import DXO
+from sagmq.wire.messages import TaskResult
+from sagmq.wire.topology import Names
 from tests.conftest import System, wait_for
 from tests.e2e.jobmaker import custom_trainer, make_job, np_trainer, server_config
 
@@ -196,7 +196,7 @@ def test_abort_stops_running_job_and_next_queued_job_runs(system: System, tmp_pa
 
 
 STALL = """
-from services.client.api import DXO, NUM_STEPS_CURRENT_ROUND, RC_TASK_ABORTED, WEIGHTS, Executor, TaskError
+from sagmq.client.api import DXO, NUM_STEPS_CURRENT_ROUND, RC_TASK_ABORTED, WEIGHTS, Executor, TaskError
 
 
 class Stall(Executor):

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.wire.errors import SagmqError
-from services.wire.jobspec import read_job_folder
-from services.wire.settings import load_settings
+from sagmq.job.spec import read_job_folder
+from sagmq.wire.errors import SagmqError
+from sagmq.wire.settings import load_settings
 from tests.brokernode import RabbitNode, running_node
 from tests.conftest import System
 from tests.e2e.jobmaker import make_job, np_trainer, server_config

@@ -11,12 +11,12 @@ import numpy as np
 import pika
 import pytest
 
-from services.aggregator.main import AggregatorService
-from services.wire.bus import Bus
-from services.wire.codec import DXO
-from services.wire.messages import Contribution, RoundAggregated, RoundClose, RoundOpen, TaskResult, decode
-from services.wire.settings import Settings
-from services.wire.topology import RK_RESULT, RK_ROUND_CLOSE, RK_ROUND_OPEN
+from sagmq.aggregator.main import AggregatorService
+from sagmq.wire.bus import Bus
+from sagmq.wire.codec import DXO
+from sagmq.wire.messages import Contribution, RoundAggregated, RoundClose, RoundOpen, TaskResult, decode
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import RK_RESULT, RK_ROUND_CLOSE, RK_ROUND_OPEN
 from tests.conftest import aggregator_thread
 
 pytestmark = pytest.mark.broker
@@ -157,8 +157,8 @@ def _spoof_and_oversize(settings: Settings, svc: AggregatorService) -> None:
 
 def test_a_refused_aggregate_is_sent_again_later_with_its_inputs_held(settings: Settings,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import services.aggregator.main as agg_main
-    from services.wire.topology import RK_ROUND_AGGREGATED
+    import sagmq.aggregator.main as agg_main
+    from sagmq.wire.topology import RK_ROUND_AGGREGATED
 
     monkeypatch.setattr(agg_main, "RETRY_S", 0.3)
     bus = Bus(settings, "test", connect_timeout_s=5).connect()

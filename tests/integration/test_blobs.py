@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from services.wire.blob import split
-from services.wire.bus import Bus, Delivery
-from services.wire.codec import DXO
-from services.wire.messages import RoundAggregated, RoundClose, RoundOpen, TaskResult
-from services.wire.settings import Settings
-from services.wire.topology import RK_RESULT, RK_ROUND_CLOSE, RK_ROUND_OPEN, service_topology, site_topology
+from sagmq.wire.blob import split
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.codec import DXO
+from sagmq.wire.messages import RoundAggregated, RoundClose, RoundOpen, TaskResult
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import RK_RESULT, RK_ROUND_CLOSE, RK_ROUND_OPEN, service_topology, site_topology
 from tests.conftest import aggregator_thread
 
 pytestmark = pytest.mark.broker
@@ -173,8 +173,8 @@ def _stream_and_rebuild(small: Settings) -> None:
 
 def _assemble_one(bus: Bus, props: object, body: bytes) -> RoundAggregated | None:
     """round.aggregated may itself come in parts: read the rest of them from the queue."""
-    from services.wire.blob import Assembly, is_part, part_info
-    from services.wire.messages import decode, from_wire
+    from sagmq.wire.blob import Assembly, is_part, part_info
+    from sagmq.wire.messages import decode, from_wire
 
     headers = dict(props.headers or {})  # type: ignore[attr-defined]
     if not is_part(headers):

@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from services.wire.bus import Bus, Delivery
-from services.wire.errors import BrokerUnavailable, Rejected, SagmqError
-from services.wire.messages import AdminReply, AdminRequest, Control, decode
-from services.wire.settings import Settings
-from services.wire.topology import service_topology, site_topology
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.errors import BrokerUnavailable, Rejected, SagmqError
+from sagmq.wire.messages import AdminReply, AdminRequest, Control, decode
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import service_topology, site_topology
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.broker

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from services.wire.bus import Bus, Delivery
-from services.wire.errors import Rejected
-from services.wire.messages import Control
-from services.wire.settings import Settings
-from services.wire.topology import service_topology, site_topology
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.errors import Rejected
+from sagmq.wire.messages import Control
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import service_topology, site_topology
 from tests.conftest import SAGMQ
 
 pytestmark = pytest.mark.broker

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.persistor.main import PersistorService
-from services.wire.bus import Bus, Delivery
-from services.wire.codec import DXO, WEIGHTS
-from services.wire.messages import JobEvent, ModelCommit, ModelSave, ModelSaved, RoundAggregated
-from services.wire.settings import Settings
-from services.wire.topology import (
+from sagmq.persistor.main import PersistorService
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.codec import DXO, WEIGHTS
+from sagmq.wire.messages import JobEvent, ModelCommit, ModelSave, ModelSaved, RoundAggregated
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import (
     RK_MODEL_COMMIT,
     RK_MODEL_SAVE,
     RK_ROUND_AGGREGATED_SAVE,

@@ -9,13 +9,13 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pytest
 
-from services.wire.blob import H_BLOB, H_PART
-from services.wire.bus import SEND_WINDOW_PARTS, Bus, Delivery, delete_topology
-from services.wire.codec import DXO, WEIGHTS
-from services.wire.errors import BrokerRefused, SagmqError
-from services.wire.messages import Control, ModelSave
-from services.wire.settings import Settings
-from services.wire.topology import DIRECT, Binding, Exchange, Queue, Topology
+from sagmq.wire.blob import H_BLOB, H_PART
+from sagmq.wire.bus import SEND_WINDOW_PARTS, Bus, Delivery, delete_topology
+from sagmq.wire.codec import DXO, WEIGHTS
+from sagmq.wire.errors import BrokerRefused, SagmqError
+from sagmq.wire.messages import Control, ModelSave
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import DIRECT, Binding, Exchange, Queue, Topology
 from tests.conftest import wait_for
 from tests.faults.tcpproxy import Proxy
 
@@ -162,7 +162,7 @@ def test_close_waits_for_unconfirmed_sends(bus: Bus, small_chunks: Settings) -> 
 def test_the_bus_reads_the_socket_in_large_pieces(bus: Bus) -> None:
     from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
-    from services.wire.bus import RECV_BYTES
+    from sagmq.wire.bus import RECV_BYTES
 
     assert RECV_BYTES >= 128 * 1024 and _AsyncTransportBase._MAX_RECV_BYTES == RECV_BYTES
     transport = bus._conn._impl._transport  # the live connection's transport uses it
@@ -208,7 +208,7 @@ def test_a_send_not_retained_lets_its_message_go_once_its_last_part_is_out(bus: 
 
 def test_after_a_lost_connection_a_send_not_retained_fails_and_a_retained_one_starts_again(
         small_chunks: Settings) -> None:
-    from services.wire.bus import _Send
+    from sagmq.wire.bus import _Send
 
     bus = Bus(small_chunks, "test-restart")  # never connected: only the bookkeeping runs
     kept = _Send("x", "a", lambda: iter(()), True, None, "kept", all_sent=True, unconfirmed=2)

@@ -8,12 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pika
 
-from services.server.main import ServerService
-from services.wire.bus import Bus
-from services.wire.codec import DXO
-from services.wire.messages import RoundAggregated
-from services.wire.settings import Settings
-from services.wire.topology import RK_ROUND_AGGREGATED
+from sagmq.server.main import ServerService
+from sagmq.wire.bus import Bus
+from sagmq.wire.codec import DXO
+from sagmq.wire.messages import RoundAggregated
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import RK_ROUND_AGGREGATED
 from tests.conftest import service_thread
 
 

@@ -20,9 +20,9 @@ import pika
 import pika.exceptions as px
 import pytest
 
-from services.cli.procs import LocalStack
-from services.cli.provision import SERVICE_USERS, parse_env, write_provision
-from services.wire.topology import RK_HEARTBEAT, RK_RESULT, RK_ROUND_CLOSE, Names
+from sagmq.cli.procs import LocalStack
+from sagmq.cli.provision import SERVICE_USERS, parse_env, write_provision
+from sagmq.wire.topology import RK_HEARTBEAT, RK_RESULT, RK_ROUND_CLOSE, Names
 from tests.brokernode import RabbitNode, running_node
 
 pytestmark = [pytest.mark.broker]
@@ -284,7 +284,7 @@ def test_services_run_hello_numpy_sag_with_their_env_files(prov: Provisioned, tm
     stack = LocalStack(ws, tmp_path / "logs")
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=_sagmq_env(prov.env["admin"]),
+        return subprocess.run([sys.executable, "-m", "sagmq.cli.main", *args], env=_sagmq_env(prov.env["admin"]),
                               capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
 
     def logs() -> str:

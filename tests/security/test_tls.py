@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.wire.bus import Bus, Delivery
-from services.wire.errors import BrokerUnavailable
-from services.wire.jobspec import read_job_folder
-from services.wire.settings import load_settings
+from sagmq.job.spec import read_job_folder
+from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.errors import BrokerUnavailable
+from sagmq.wire.settings import load_settings
 from tests.brokernode import RabbitNode, make_certs, running_node
 from tests.conftest import JOBS, System
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.aggregator.accumulator import NUM_STEPS, Accumulator, VarSpec
-from services.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS
-from services.wire.errors import Rejected
-from services.wire.jobspec import AggregatorConfig
-from services.wire.messages import RC_EXECUTION_EXCEPTION, RC_OK
+from sagmq.aggregator.accumulator import NUM_STEPS, Accumulator, VarSpec
+from sagmq.job.spec import AggregatorConfig
+from sagmq.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS
+from sagmq.wire.errors import Rejected
+from sagmq.wire.messages import RC_EXECUTION_EXCEPTION, RC_OK
 
 SITES = ("a", "b", "c")
 AGG_W = {"a": 1.0, "b": 2.0, "c": 0.5}

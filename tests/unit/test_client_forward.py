@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.client.main import ClientService
-from services.wire.bus import Delivery
-from services.wire.codec import DXO, WEIGHTS
-from services.wire.errors import Rejected
-from services.wire.messages import ClientHeartbeat, Control, Message, RoundAggregated, TrainTask
-from services.wire.settings import Settings
-from services.wire.topology import Names
+from sagmq.client.main import ClientService
+from sagmq.wire.bus import Delivery
+from sagmq.wire.codec import DXO, WEIGHTS
+from sagmq.wire.errors import Rejected
+from sagmq.wire.messages import ClientHeartbeat, Control, Message, RoundAggregated, TrainTask
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import Names
 
 JOB = "a" * 32
 
@@ -161,7 +161,7 @@ def test_the_next_task_waits_for_the_last_large_result_to_be_confirmed(site: tup
     import threading
     import time
 
-    from services.wire.messages import TaskResult
+    from sagmq.wire.messages import TaskResult
 
     svc, bus = site
     sends: list[Any] = []

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.client.api import DXO, WEIGHTS, Executor, TaskContext
-from services.client.apps import App
-from services.client.main import ClientService
-from services.client.trainer import QUICK_BYTES, NPTrainer
-from services.wire.messages import TaskResult, TrainTask
-from services.wire.settings import Settings
-from services.wire.topology import Names
+from sagmq.client.api import DXO, WEIGHTS, Executor, TaskContext
+from sagmq.client.apps import App
+from sagmq.client.main import ClientService
+from sagmq.client.trainer import QUICK_BYTES, NPTrainer
+from sagmq.wire.messages import TaskResult, TrainTask
+from sagmq.wire.settings import Settings
+from sagmq.wire.topology import Names
 
 JOB = "c" * 32
 

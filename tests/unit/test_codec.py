@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from services.wire.codec import (
+from sagmq.wire.codec import (
     ALLOWED_DTYPES,
     DXO,
     WEIGHT_DIFF,
@@ -23,7 +23,7 @@ from services.wire.codec import (
     pack,
     unpack,
 )
-from services.wire.errors import DecodeError
+from sagmq.wire.errors import DecodeError
 
 # When a @given test fails, Hypothesis's pytest plugin imports libcst, which warns through
 # mypy_extensions; with filterwarnings=error that would turn a failure into INTERNALERROR.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.wire.files import overwrite_npy, write_npy
+from sagmq.storage.files import overwrite_npy, write_npy
 
 ARRAYS = [
     np.ones((3, 3), np.float32),

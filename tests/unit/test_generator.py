@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.server.generator import apply_aggregate
-from services.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS, decode_array, encode_array, pack, unpack
-from services.wire.errors import SagmqError
+from sagmq.server.generator import apply_aggregate
+from sagmq.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS, decode_array, encode_array, pack, unpack
+from sagmq.wire.errors import SagmqError
 
 
 def global_model() -> dict[str, np.ndarray]:

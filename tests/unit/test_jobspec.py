@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.wire.codec import WEIGHTS
-from services.wire.errors import JobSpecError
-from services.wire.jobspec import (
+from sagmq.job.spec import (
     AGGREGATOR,
     ALIASES,
     GENERATOR,
@@ -26,6 +24,8 @@ from services.wire.jobspec import (
     parse_job,
     read_job_folder,
 )
+from sagmq.wire.codec import WEIGHTS
+from sagmq.wire.errors import JobSpecError
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "jobs" / "hello-numpy-sag"
@@ -154,11 +154,11 @@ def test_every_alias_resolves(path: str, canon: str) -> None:
 
 def test_aliases_cover_nvflare_sagmq_and_bare_names() -> None:
     for canon, sagmq_path in [
-        (SAG, "services.server.workflow.ScatterAndGather"),
-        (AGGREGATOR, "services.aggregator.accumulator.InTimeAccumulateWeightedAggregator"),
-        (GENERATOR, "services.server.generator.FullModelShareableGenerator"),
-        (PERSISTOR, "services.persistor.store.NPModelPersistor"),
-        (TRAINER, "services.client.trainer.NPTrainer"),
+        (SAG, "sagmq.server.workflow.ScatterAndGather"),
+        (AGGREGATOR, "sagmq.aggregator.accumulator.InTimeAccumulateWeightedAggregator"),
+        (GENERATOR, "sagmq.server.generator.FullModelShareableGenerator"),
+        (PERSISTOR, "sagmq.persistor.store.NPModelPersistor"),
+        (TRAINER, "sagmq.client.trainer.NPTrainer"),
     ]:
         assert ALIASES[sagmq_path] == canon
         assert ALIASES[canon] == canon
@@ -168,11 +168,11 @@ def test_aliases_cover_nvflare_sagmq_and_bare_names() -> None:
 
 def test_sagmq_own_paths_all_at_once() -> None:
     files = hello_files()
-    files = with_path(files, SAG, "services.server.workflow.ScatterAndGather")
-    files = with_path(files, AGGREGATOR, "services.aggregator.accumulator.InTimeAccumulateWeightedAggregator")
-    files = with_path(files, GENERATOR, "services.server.generator.FullModelShareableGenerator")
-    files = with_path(files, PERSISTOR, "services.persistor.store.NPModelPersistor")
-    files = with_path(files, TRAINER, "services.client.trainer.NPTrainer")
+    files = with_path(files, SAG, "sagmq.server.workflow.ScatterAndGather")
+    files = with_path(files, AGGREGATOR, "sagmq.aggregator.accumulator.InTimeAccumulateWeightedAggregator")
+    files = with_path(files, GENERATOR, "sagmq.server.generator.FullModelShareableGenerator")
+    files = with_path(files, PERSISTOR, "sagmq.persistor.store.NPModelPersistor")
+    files = with_path(files, TRAINER, "sagmq.client.trainer.NPTrainer")
     spec = parse_job(files)
     assert spec.aggregator.expected_data_kind == WEIGHTS
 

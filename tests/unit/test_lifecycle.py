@@ -7,7 +7,7 @@ import sys
 
 PROBE = """
 import sys
-from services.wire.lifecycle import keep_freed_memory
+from sagmq.runtime.lifecycle import keep_freed_memory
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):

@@ -9,9 +9,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from services.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS, pack
-from services.wire.errors import DecodeError
-from services.wire.messages import (
+from sagmq.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS, pack
+from sagmq.wire.errors import DecodeError
+from sagmq.wire.messages import (
     ALL_MESSAGES,
     BY_TYPE,
     RC_EXECUTION_EXCEPTION,
@@ -23,9 +23,9 @@ from services.wire.messages import (
     Control,
     JobEvent,
     Message,
+    ModelCommit,
     ModelLoad,
     ModelLoaded,
-    ModelCommit,
     ModelSave,
     ModelSaved,
     RoundAggregated,

@@ -12,8 +12,8 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from services.cli.main import main as cli_main
-from services.cli.provision import (
+from sagmq.cli.main import main as cli_main
+from sagmq.cli.provision import (
     HASHING_ALGORITHM,
     SERVICE_USERS,
     build_definitions,
@@ -22,9 +22,9 @@ from services.cli.provision import (
     parse_env,
     write_provision,
 )
-from services.wire.errors import ConfigError
-from services.wire.settings import load_settings
-from services.wire.topology import TOPIC, Names, service_topology, site_topology, work_queue_arguments
+from sagmq.wire.errors import ConfigError
+from sagmq.wire.settings import load_settings
+from sagmq.wire.topology import TOPIC, Names, service_topology, site_topology, work_queue_arguments
 
 SITES = ["site-1", "site-2", "site-10"]
 

@@ -34,7 +34,7 @@ from urllib.parse import urljoin
 import numpy as np
 import pytest
 
-from services.wire.codec import (
+from sagmq.wire.codec import (
     ALLOWED_DTYPES,
     DXO,
     MAX_NDIM,
@@ -43,8 +43,8 @@ from services.wire.codec import (
     encode_dxo,
     unpack,
 )
-from services.wire.errors import DecodeError
-from services.wire.messages import (
+from sagmq.wire.errors import DecodeError
+from sagmq.wire.messages import (
     ALL_MESSAGES,
     FAILED,
     JOB_STATUSES,
@@ -58,9 +58,9 @@ from services.wire.messages import (
     Control,
     JobEvent,
     Message,
+    ModelCommit,
     ModelLoad,
     ModelLoaded,
-    ModelCommit,
     ModelSave,
     ModelSaved,
     RoundAggregated,
@@ -70,7 +70,7 @@ from services.wire.messages import (
     TrainTask,
     from_wire,
 )
-from services.wire.topology import Binding, service_topology, site_topology
+from sagmq.wire.topology import Binding, service_topology, site_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = ROOT / "schemas"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.wire.errors import ConfigError
-from services.wire.settings import DEFAULT_URL, Settings, check_name, load_settings
+from sagmq.wire.errors import ConfigError
+from sagmq.wire.settings import DEFAULT_URL, Settings, check_name, load_settings
 
 MIB = 2**20
 

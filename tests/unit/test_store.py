@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import services.persistor.store as store_mod
-from services.persistor.store import ModelStore
+import sagmq.persistor.store as store_mod
+from sagmq.persistor.store import ModelStore
 
 JOB = "b" * 32
 
@@ -79,7 +79,7 @@ def test_a_crash_between_snapshot_and_rename_leaves_the_previous_save(tmp_path: 
         raise KeyboardInterrupt  # killed after the snapshot was linked, before the model was renamed
 
     monkeypatch.setattr(store_mod.os, "replace", crash)
-    monkeypatch.setattr("services.wire.files.os.replace", crash)
+    monkeypatch.setattr("sagmq.storage.files.os.replace", crash)
     with pytest.raises(KeyboardInterrupt):
         st.save(JOB, 4, {"numpy_key": np.full(3, 4, np.float32)}, "models", "server.npy")
     monkeypatch.undo()

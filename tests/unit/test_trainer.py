@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.client.api import RC_BAD_TASK_DATA, RC_TASK_UNKNOWN, TaskContext, TaskError
-from services.client.trainer import BACKGROUND_SAVE_BYTES, NPTrainer
-from services.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS
+from sagmq.client.api import RC_BAD_TASK_DATA, RC_TASK_UNKNOWN, TaskContext, TaskError
+from sagmq.client.trainer import BACKGROUND_SAVE_BYTES, NPTrainer
+from sagmq.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS
 
 
 def ctx(tmp_path: Path) -> TaskContext:

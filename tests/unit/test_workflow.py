@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.server.workflow import RoundMachine, should_persist
-from services.wire.jobspec import SAGConfig
-from services.wire.messages import RC_EXECUTION_EXCEPTION, RC_OK, RC_TASK_ABORTED
+from sagmq.job.spec import SAGConfig
+from sagmq.server.workflow import RoundMachine, should_persist
+from sagmq.wire.messages import RC_EXECUTION_EXCEPTION, RC_OK, RC_TASK_ABORTED
 
 T0 = 1000.0
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from services.client.api import (
+from sagmq.client.api import (
     DXO,
     NUM_STEPS_CURRENT_ROUND,
     RC_BAD_TASK_DATA,

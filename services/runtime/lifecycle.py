@@ -12,11 +12,10 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from services.wire.bus import Bus
-from services.wire.logs import setup_logging
-from services.wire.settings import Settings, load_settings
-from services.wire.topology import service_topology
-
+from sagmq.runtime.logs import setup_logging
+from sagmq.wire.bus import Bus
+from sagmq.wire.settings import Settings, load_settings
+from sagmq.wire.topology import service_topology
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

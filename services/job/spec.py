@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.wire.codec import WEIGHT_DIFF, WEIGHTS
-from services.wire.errors import JobSpecError
+from sagmq.wire.codec import WEIGHT_DIFF, WEIGHTS
+from sagmq.wire.errors import JobSpecError
 
 Files = dict[str, bytes]
 MAX_JOB_BYTES = 16 * 2**20
@@ -34,17 +34,17 @@ TRAINER = "NPTrainer"
 ALIASES: dict[str, str] = {
     "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather": SAG,
     "nvflare.app_common.workflows.ScatterAndGather": SAG,
-    "services.server.workflow.ScatterAndGather": SAG,
+    "sagmq.server.workflow.ScatterAndGather": SAG,
     "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator": AGGREGATOR,
     "nvflare.app_common.aggregators.InTimeAccumulateWeightedAggregator": AGGREGATOR,
-    "services.aggregator.accumulator.InTimeAccumulateWeightedAggregator": AGGREGATOR,
+    "sagmq.aggregator.accumulator.InTimeAccumulateWeightedAggregator": AGGREGATOR,
     "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator": GENERATOR,
     "nvflare.app_common.shareablegenerators.FullModelShareableGenerator": GENERATOR,
-    "services.server.generator.FullModelShareableGenerator": GENERATOR,
+    "sagmq.server.generator.FullModelShareableGenerator": GENERATOR,
     "nvflare.app_common.np.np_model_persistor.NPModelPersistor": PERSISTOR,
-    "services.persistor.store.NPModelPersistor": PERSISTOR,
+    "sagmq.persistor.store.NPModelPersistor": PERSISTOR,
     "nvflare.app_common.np.np_trainer.NPTrainer": TRAINER,
-    "services.client.trainer.NPTrainer": TRAINER,
+    "sagmq.client.trainer.NPTrainer": TRAINER,
 }
 for _canon in (SAG, AGGREGATOR, GENERATOR, PERSISTOR, TRAINER):
     ALIASES[_canon] = _canon

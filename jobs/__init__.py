@@ -1,0 +1,1 @@
+"""The example NVFlare job folders, installed with sagmq as package data (sagmq.examples)."""

@@ -1,0 +1,1 @@
+"""The language-neutral message schemas, installed with sagmq as package data (sagmq.schemas)."""

@@ -1,0 +1,1 @@
+"""The bus on RabbitMQ through pika's public API: connection, publish, send with confirms, consume, rpc."""

@@ -1,0 +1,1 @@
+"""A job folder: reading it and parsing NVFlare's configuration into specs."""

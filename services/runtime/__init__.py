@@ -1,0 +1,1 @@
+"""What every service process shares: start-up, logging, signals, memory settings."""
