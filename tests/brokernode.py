@@ -10,7 +10,7 @@ Only epmd is shared: the node registers its name with the epmd already on 127.0.
 (if none runs, Erlang starts one, which then outlives the node, as epmd always does).
 
     with running_node(config=["consumer_timeout = 60000"]) as node:
-        Bus(Settings(amqp_url=node.url), "t").connect()
+        AmqpBus(Settings(amqp_url=node.url), "t").connect()
         node.restart()            # same data dir: durable queues and persistent messages survive
         node.ctl("list_queues")   # rabbitmqctl against this node only
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from sagmq.amqp import AmqpBus
 from sagmq.cli.admin import AdminClient
 from sagmq.cli.procs import LocalStack
 from sagmq.job.spec import read_job_folder
-from sagmq.wire.bus import Bus, delete_topology
+from sagmq.wire.bus import Bus
 from sagmq.wire.errors import BrokerUnavailable, SagmqError
 from sagmq.wire.settings import Settings, load_settings
 from sagmq.wire.topology import service_topology, site_topology
@@ -43,7 +44,7 @@ def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.05) -> An
 def amqp_url() -> str:
     url = os.environ.get("SAGMQ_AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
     try:
-        Bus(Settings(amqp_url=url), "probe", connect_timeout_s=5).connect().close()
+        AmqpBus(Settings(amqp_url=url), "probe", connect_timeout_s=5).connect().close()
     except BrokerUnavailable as e:
         pytest.fail(f"these tests need RabbitMQ ({e}); start it with `rabbitmq-server -detached`")
     return url
@@ -54,13 +55,13 @@ def prefix(amqp_url: str) -> Iterator[str]:
     """A name prefix of this test's own; its topology (and sites' queues) are deleted afterwards."""
     p = f"t-{uuid.uuid4().hex[:10]}"
     yield p
-    bus = Bus(Settings(amqp_url=amqp_url, prefix=p), "cleanup", connect_timeout_s=5).connect()
+    bus = AmqpBus(Settings(amqp_url=amqp_url, prefix=p), "cleanup", connect_timeout_s=5).connect()
     try:
         ch = bus.channel
         for i in range(1, 11):
             for name in (f"site-{i}",):
                 ch.queue_delete(site_topology(p, name).queues[0].name)
-        delete_topology(bus, service_topology(p))
+        bus.delete(service_topology(p))
     finally:
         bus.close()
 
@@ -152,7 +153,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
 def service_thread(name: str, bus_settings: Settings, build: Callable[[Bus], Any],
                    serve: Callable[[Any, Bus], None]) -> Iterator[Any]:
     """A service built on its own bus and served by a thread (serve(svc, bus)), stopped afterwards."""
-    bus = Bus(bus_settings, name, connect_timeout_s=5).connect()
+    bus = AmqpBus(bus_settings, name, connect_timeout_s=5).connect()
     bus.declare(service_topology(bus_settings.prefix))
     svc = build(bus)
     t = threading.Thread(target=serve, args=(svc, bus), daemon=True)

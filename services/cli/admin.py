@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sagmq.wire.bus import Bus
+from sagmq.amqp import AmqpBus
 from sagmq.wire.errors import RpcTimeout, SagmqError
 from sagmq.wire.messages import AdminReply, AdminRequest
 from sagmq.wire.settings import Settings
@@ -16,7 +16,7 @@ class AdminClient:
 
     def __init__(self, settings: Settings, connect_timeout_s: float = 5.0) -> None:
         self.s = settings
-        self.bus = Bus(settings, "admin", connect_timeout_s=connect_timeout_s).connect()
+        self.bus = AmqpBus(settings, "admin", connect_timeout_s=connect_timeout_s).connect()
         self.bus.declare(service_topology(settings.prefix))
 
     def close(self) -> None:

@@ -22,7 +22,6 @@ from sagmq.cli.admin import AdminClient
 from sagmq.cli.floor import measure_floor, median
 from sagmq.cli.procs import LocalStack, Proc
 from sagmq.job.spec import read_job_folder
-from sagmq.wire.bus import delete_topology
 from sagmq.wire.errors import SagmqError
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import service_topology, site_topology
@@ -201,8 +200,8 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         stack.stop_all()
         try:
             for site in sites:
-                delete_topology(admin.bus, site_topology(prefix, site))
-            delete_topology(admin.bus, service_topology(prefix))
+                admin.bus.delete(site_topology(prefix, site))
+            admin.bus.delete(service_topology(prefix))
         except Exception as e:  # cleanup is best effort
             print(f"bench: cleanup of prefix {prefix} failed: {e}", file=sys.stderr)
         admin.close()

@@ -6,7 +6,8 @@ import datetime as dt
 import json
 from typing import Any
 
-from sagmq.wire.bus import Bus, Delivery
+from sagmq.amqp import AmqpBus
+from sagmq.wire.bus import Delivery
 from sagmq.wire.codec import unpack
 from sagmq.wire.errors import DecodeError, SagmqError
 from sagmq.wire.settings import Settings
@@ -14,7 +15,7 @@ from sagmq.wire.topology import service_topology
 
 
 def _entries(s: Settings, limit: int) -> list[Delivery]:
-    bus = Bus(s, "admin", connect_timeout_s=5).connect()
+    bus = AmqpBus(s, "admin", connect_timeout_s=5).connect()
     try:
         bus.declare(service_topology(s.prefix))
         return bus.browse(bus.names.dead_queue, limit)

@@ -17,7 +17,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from sagmq.wire.bus import Bus, Delivery
+from sagmq.amqp import AmqpBus
+from sagmq.wire.bus import Delivery
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import DIRECT, Binding, Exchange, Queue, Topology
 
@@ -37,7 +38,7 @@ def _cpu() -> float:
 
 def _site(settings: Settings, prefix: str, i: int, parts: int, part_bytes: int, rounds: int, ready: Any,
           cpu: Any) -> None:
-    bus = Bus(settings, f"floor-site-{i}", connect_timeout_s=30).connect()
+    bus = AmqpBus(settings, f"floor-site-{i}", connect_timeout_s=30).connect()
     body = os.urandom(part_bytes)
     results = f"{prefix}.floor.results"
     seen = [0]
@@ -68,7 +69,7 @@ def measure_floor(settings: Settings, prefix: str, clients: int, nbytes: int, ro
     parts = max(1, math.ceil(nbytes / chunk))
     part_bytes = min(nbytes, chunk) or 1
     topo = floor_topology(prefix, clients)
-    bus = Bus(replace(settings, prefix=prefix), "floor", connect_timeout_s=30).connect()
+    bus = AmqpBus(replace(settings, prefix=prefix), "floor", connect_timeout_s=30).connect()
     bus.declare(topo)
     ctx = mp.get_context("spawn")
     procs, events, used = [], [], []

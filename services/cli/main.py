@@ -23,7 +23,7 @@ from sagmq.wire.errors import (
     JobSpecError,
     SagmqError,
 )
-from sagmq.wire.messages import ABORTED, FAILED, FINISHED
+from sagmq.wire.messages import FINISHED
 from sagmq.wire.settings import Settings, load_settings
 
 SERVICES = ("server", "aggregator", "persistor", "client")

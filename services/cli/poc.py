@@ -17,7 +17,7 @@ from sagmq.cli.jobs import wait_job, write_files
 from sagmq.cli.procs import LocalStack
 from sagmq.job.examples import example_job
 from sagmq.job.spec import parse_job, read_job_folder
-from sagmq.wire.bus import Bus, delete_topology
+from sagmq.wire.bus import Bus
 from sagmq.wire.errors import EXIT_FAILED, SagmqError
 from sagmq.wire.messages import FINISHED
 from sagmq.wire.settings import Settings
@@ -97,7 +97,7 @@ def _wait_for_sites(admin: AdminClient, stack: LocalStack, sites: list[str], tim
 def _cleanup(bus: Bus, prefix: str, sites: list[str]) -> None:
     try:
         for site in sites:
-            delete_topology(bus, site_topology(prefix, site))
-        delete_topology(bus, service_topology(prefix))
+            bus.delete(site_topology(prefix, site))
+        bus.delete(service_topology(prefix))
     except Exception as e:  # cleanup is best effort; the job's outcome is what matters
         print(f"poc: could not delete the queues of prefix {prefix}: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from sagmq.amqp import AmqpBus
 from sagmq.runtime.logs import setup_logging
 from sagmq.wire.bus import Bus
 from sagmq.wire.settings import Settings, load_settings
@@ -89,7 +90,7 @@ def serve(name: str, build: Callable[[Settings, Bus], Service], argv: list[str] 
     setup_logging(settings.log_level, f"{name}[{site}]" if site else name)
     if keep_freed:  # (the sites and the aggregator, which move several models' worth of bytes a round)
         keep_freed_memory()
-    bus = Bus(settings, f"{name}-{site}" if site else name).connect()
+    bus = AmqpBus(settings, f"{name}-{site}" if site else name).connect()
     if service_topology_too:
         bus.declare(service_topology(settings.prefix))
     svc = build(settings, bus)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sagmq.amqp import AmqpBus
 from sagmq.job.spec import read_job_folder
-from sagmq.wire.bus import Bus
 from sagmq.wire.topology import Names, rk_aggregate
 from tests.conftest import System
 from tests.e2e.jobmaker import make_job, np_trainer, server_config
@@ -64,7 +64,7 @@ def test_a_site_without_the_forwarded_model_gets_the_whole_task(system: System, 
     job, base = model_job(tmp_path, 3)
     system.env["SAGMQ_CHUNK_BYTES"] = str(256 * 1024)
     system.start_all(["site-1", "site-2"])
-    bus = Bus(system.settings, "test", connect_timeout_s=5).connect()
+    bus = AmqpBus(system.settings, "test", connect_timeout_s=5).connect()
     try:
         n = Names(system.settings.prefix)
         bus.channel.queue_unbind(n.site_queue("site-2"), n.events, rk_aggregate("site-2"))

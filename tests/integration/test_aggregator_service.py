@@ -12,7 +12,7 @@ import pika
 import pytest
 
 from sagmq.aggregator.main import AggregatorService
-from sagmq.wire.bus import Bus
+from sagmq.amqp import AmqpBus
 from sagmq.wire.codec import DXO
 from sagmq.wire.messages import Contribution, RoundAggregated, RoundClose, RoundOpen, TaskResult, decode
 from sagmq.wire.settings import Settings
@@ -31,7 +31,7 @@ def aggregator(settings: Settings) -> Iterator[AggregatorService]:
 
 def test_hostile_results_are_dead_lettered_and_the_average_is_exact(aggregator: AggregatorService,
                                                                      settings: Settings) -> None:
-    bus = Bus(settings, "test", connect_timeout_s=5).connect()
+    bus = AmqpBus(settings, "test", connect_timeout_s=5).connect()
     n = bus.names
     ev = n.events
     bus.publish(ev, RK_ROUND_OPEN, RoundOpen("job1", 0, "t0", ["site-1", "site-2"], "WEIGHTS", {"site-2": 3.0},
@@ -131,7 +131,7 @@ def test_oversize_and_spoofed_results_are_refused(settings: Settings) -> None:
 
 
 def _spoof_and_oversize(settings: Settings, svc: AggregatorService) -> None:
-    test = Bus(settings, "test", connect_timeout_s=5).connect()
+    test = AmqpBus(settings, "test", connect_timeout_s=5).connect()
     n = test.names
     test.publish(n.events, RK_ROUND_OPEN, RoundOpen("job2", 0, "t0", ["site-1"], "WEIGHTS", {},
                                                      {"w": "<f4"}, {"w": [3, 3]}))
@@ -161,7 +161,7 @@ def test_a_refused_aggregate_is_sent_again_later_with_its_inputs_held(settings: 
     from sagmq.wire.topology import RK_ROUND_AGGREGATED
 
     monkeypatch.setattr(agg_main, "RETRY_S", 0.3)
-    bus = Bus(settings, "test", connect_timeout_s=5).connect()
+    bus = AmqpBus(settings, "test", connect_timeout_s=5).connect()
     n = bus.names
     with aggregator_thread(settings, grace_s=0.5) as svc:  # (it declares the topology: unbind after)
         bus.channel.queue_unbind(n.server_queue, n.events, RK_ROUND_AGGREGATED)  # the aggregate is unroutable
@@ -194,7 +194,7 @@ def test_a_refused_aggregate_is_sent_again_later_with_its_inputs_held(settings: 
 
 def test_accepted_verdicts_go_out_while_the_round_is_open_and_not_after_it_closed(
         aggregator: AggregatorService, settings: Settings) -> None:
-    bus = Bus(settings, "test", connect_timeout_s=5).connect()
+    bus = AmqpBus(settings, "test", connect_timeout_s=5).connect()
     n = bus.names
     bus.publish(n.events, RK_ROUND_OPEN, RoundOpen("job3", 0, "t0", ["site-1", "site-2"], "WEIGHTS", {},
                                                     {"w": "<f4"}, {"w": list(SHAPE)}))

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from sagmq.amqp import AmqpBus
 from sagmq.wire.blob import split
 from sagmq.wire.bus import Bus, Delivery
 from sagmq.wire.codec import DXO
@@ -36,7 +37,7 @@ def small(settings: Settings) -> Settings:
 
 
 def _bus(s: Settings, name: str) -> Bus:
-    b = Bus(s, name, connect_timeout_s=5).connect()
+    b = AmqpBus(s, name, connect_timeout_s=5).connect()
     b.declare(service_topology(s.prefix))
     b.declare(site_topology(s.prefix, "site-1"))
     return b

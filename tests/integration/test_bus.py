@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from sagmq.amqp import AmqpBus
 from sagmq.wire.bus import Bus, Delivery
 from sagmq.wire.errors import BrokerUnavailable, Rejected, SagmqError
 from sagmq.wire.messages import AdminReply, AdminRequest, Control, decode
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.broker
 
 @pytest.fixture
 def bus(settings: Settings):
-    b = Bus(settings, "test", connect_timeout_s=5).connect()
+    b = AmqpBus(settings, "test", connect_timeout_s=5).connect()
     b.declare(service_topology(settings.prefix))
     for s in ("site-1", "site-2", "site-3"):
         b.declare(site_topology(settings.prefix, s))
@@ -56,7 +57,7 @@ def test_unroutable_publish_is_an_error(bus: Bus) -> None:
 
 
 def test_oversize_message_is_refused_before_sending(bus: Bus, settings: Settings) -> None:
-    small = Bus(replace(settings, max_body_bytes=2048), "small", connect_timeout_s=5).connect()
+    small = AmqpBus(replace(settings, max_body_bytes=2048), "small", connect_timeout_s=5).connect()
     try:
         with pytest.raises(SagmqError, match="exceeds SAGMQ_MAX_BODY_BYTES"):
             small.publish(bus.names.admin, "server", AdminRequest("submit", files={"x": b"0" * 4096}))
@@ -94,7 +95,7 @@ def test_rejected_and_failing_messages_are_dead_lettered_with_reason(bus: Bus) -
 
 
 def test_rpc_round_trip(bus: Bus, settings: Settings) -> None:
-    server = Bus(settings, "rpc-server", connect_timeout_s=5).connect()
+    server = AmqpBus(settings, "rpc-server", connect_timeout_s=5).connect()
     stop = threading.Event()
 
     def serve() -> None:
@@ -130,7 +131,7 @@ def test_bad_credentials_fail_fast(settings: Settings) -> None:
     wrong = replace(settings, amqp_url=settings.amqp_url.replace("guest:guest", "guest:wrong"))
     t0 = time.monotonic()
     with pytest.raises(BrokerUnavailable, match="refused the credentials"):
-        Bus(wrong, "bad", connect_timeout_s=30).connect()
+        AmqpBus(wrong, "bad", connect_timeout_s=30).connect()
     assert time.monotonic() - t0 < 5
 
 

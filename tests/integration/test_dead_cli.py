@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from sagmq.wire.bus import Bus, Delivery
+from sagmq.amqp import AmqpBus
+from sagmq.wire.bus import Delivery
 from sagmq.wire.errors import Rejected
 from sagmq.wire.messages import Control
 from sagmq.wire.settings import Settings
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.broker
 
 
 def test_dead_list_and_show(settings: Settings) -> None:
-    bus = Bus(settings, "test", connect_timeout_s=5).connect()
+    bus = AmqpBus(settings, "test", connect_timeout_s=5).connect()
     bus.declare(service_topology(settings.prefix))
     bus.declare(site_topology(settings.prefix, "site-1"))
 

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sagmq.amqp import AmqpBus
 from sagmq.persistor.main import PersistorService
-from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.bus import Delivery
 from sagmq.wire.codec import DXO, WEIGHTS
 from sagmq.wire.messages import JobEvent, ModelCommit, ModelSave, ModelSaved, RoundAggregated
 from sagmq.wire.settings import Settings
@@ -39,7 +40,7 @@ class Driver:
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
-        self.bus = Bus(settings, "driver", connect_timeout_s=5).connect()
+        self.bus = AmqpBus(settings, "driver", connect_timeout_s=5).connect()
         self.bus.declare(service_topology(settings.prefix))
         self.saved: list[ModelSaved] = []
         self.bus.consume(self.bus.names.server_queue, self._on_server, prefetch=0)

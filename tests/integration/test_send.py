@@ -9,8 +9,10 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pytest
 
+from sagmq.amqp import AmqpBus
 from sagmq.wire.blob import H_BLOB, H_PART
-from sagmq.wire.bus import SEND_WINDOW_PARTS, Bus, Delivery, delete_topology
+from sagmq.amqp.bus import SEND_WINDOW_PARTS
+from sagmq.wire.bus import Bus, Delivery
 from sagmq.wire.codec import DXO, WEIGHTS
 from sagmq.wire.errors import BrokerRefused, SagmqError
 from sagmq.wire.messages import Control, ModelSave
@@ -37,12 +39,12 @@ def small_chunks(settings: Settings) -> Settings:
 
 @pytest.fixture
 def bus(small_chunks: Settings):
-    b = Bus(small_chunks, "test-send", connect_timeout_s=5).connect()
+    b = AmqpBus(small_chunks, "test-send", connect_timeout_s=5).connect()
     b.declare(topo(small_chunks.prefix))
     yield b
     if b.sending:
         b.flush_sends(10)
-    delete_topology(b, topo(small_chunks.prefix))
+    b.delete(topo(small_chunks.prefix))
     b.close()
 
 
@@ -82,7 +84,7 @@ def test_the_loop_serves_deliveries_while_a_large_send_is_in_flight(bus: Bus, sm
     done: list[SagmqError | None] = []
     bus.send(f"{p}.send", "a", save(0, 8_000_000), on_done=done.append)  # 32 MB: 123 parts
     max_inflight = bus._inflight_bytes
-    other = Bus(settings, "test-send-other", connect_timeout_s=5).connect()
+    other = AmqpBus(settings, "test-send-other", connect_timeout_s=5).connect()
     try:
         other.publish(f"{p}.send", "b", Control("status"))
     finally:
@@ -123,8 +125,8 @@ def through_proxy(settings: Settings, amqp_url: str) -> tuple[Proxy, Settings]:
 
 def test_a_send_cut_off_by_a_lost_connection_is_sent_again_whole(small_chunks: Settings, amqp_url: str) -> None:
     proxy, via = through_proxy(small_chunks, amqp_url)
-    bus = Bus(via, "test-send-cut", connect_timeout_s=10).connect()
-    direct = Bus(small_chunks, "test-send-reader", connect_timeout_s=5).connect()
+    bus = AmqpBus(via, "test-send-cut", connect_timeout_s=10).connect()
+    direct = AmqpBus(small_chunks, "test-send-reader", connect_timeout_s=5).connect()
     try:
         bus.declare(topo(small_chunks.prefix))
         done: list[SagmqError | None] = []
@@ -142,14 +144,14 @@ def test_a_send_cut_off_by_a_lost_connection_is_sent_again_whole(small_chunks: S
         assert len(got) == 1 and direct.dead_lettered == 0  # the first try's parts were folded in, not left over
         assert direct.channel.queue_declare(f"{small_chunks.prefix}.send.a", passive=True).method.message_count == 0
     finally:
-        delete_topology(direct, topo(small_chunks.prefix))
+        direct.delete(topo(small_chunks.prefix))
         bus.close()
         direct.close()
         proxy.close()
 
 
 def test_close_waits_for_unconfirmed_sends(bus: Bus, small_chunks: Settings) -> None:
-    b = Bus(small_chunks, "test-send-close", connect_timeout_s=5).connect()
+    b = AmqpBus(small_chunks, "test-send-close", connect_timeout_s=5).connect()
     b.send(f"{small_chunks.prefix}.send", "a", save(0, 1_000_000))
     assert b.sending == 1
     b.close()
@@ -162,7 +164,7 @@ def test_close_waits_for_unconfirmed_sends(bus: Bus, small_chunks: Settings) -> 
 def test_the_bus_reads_the_socket_in_large_pieces(bus: Bus) -> None:
     from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
-    from sagmq.wire.bus import RECV_BYTES
+    from sagmq.amqp.bus import RECV_BYTES
 
     assert RECV_BYTES >= 128 * 1024 and _AsyncTransportBase._MAX_RECV_BYTES == RECV_BYTES
     transport = bus._conn._impl._transport  # the live connection's transport uses it
@@ -171,7 +173,7 @@ def test_the_bus_reads_the_socket_in_large_pieces(bus: Bus) -> None:
 
 def test_close_does_not_wait_for_a_broker_that_is_gone(small_chunks: Settings, amqp_url: str) -> None:
     proxy, via = through_proxy(small_chunks, amqp_url)
-    b = Bus(via, "test-send-gone", connect_timeout_s=30).connect()
+    b = AmqpBus(via, "test-send-gone", connect_timeout_s=30).connect()
     try:
         b.declare(topo(small_chunks.prefix))
         b.send(f"{small_chunks.prefix}.send", "a", save(0, 4_000_000))
@@ -181,8 +183,8 @@ def test_close_does_not_wait_for_a_broker_that_is_gone(small_chunks: Settings, a
         assert time.monotonic() - t0 < 5  # no reconnecting (30 s allowed) just to flush on the way out
     finally:
         proxy.close()
-        cleanup = Bus(small_chunks, "test-send-cleanup", connect_timeout_s=5).connect()
-        delete_topology(cleanup, topo(small_chunks.prefix))
+        cleanup = AmqpBus(small_chunks, "test-send-cleanup", connect_timeout_s=5).connect()
+        cleanup.delete(topo(small_chunks.prefix))
         cleanup.close()
 
 
@@ -208,9 +210,9 @@ def test_a_send_not_retained_lets_its_message_go_once_its_last_part_is_out(bus: 
 
 def test_after_a_lost_connection_a_send_not_retained_fails_and_a_retained_one_starts_again(
         small_chunks: Settings) -> None:
-    from sagmq.wire.bus import _Send
+    from sagmq.amqp.bus import _Send
 
-    bus = Bus(small_chunks, "test-restart")  # never connected: only the bookkeeping runs
+    bus = AmqpBus(small_chunks, "test-restart")  # never connected: only the bookkeeping runs
     kept = _Send("x", "a", lambda: iter(()), True, None, "kept", all_sent=True, unconfirmed=2)
     gone = _Send("x", "a", lambda: iter(()), True, None, "gone", all_sent=True, unconfirmed=2, retain=False)
     midway = _Send("x", "a", lambda: iter(()), True, None, "midway", unconfirmed=1, retain=False)

@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pika
 
+from sagmq.amqp import AmqpBus
 from sagmq.server.main import ServerService
-from sagmq.wire.bus import Bus
 from sagmq.wire.codec import DXO
 from sagmq.wire.messages import RoundAggregated
 from sagmq.wire.settings import Settings
@@ -22,7 +22,7 @@ def test_an_aggregate_from_another_user_is_dead_lettered(settings: Settings) -> 
     # connection is guest, so the aggregate below arrives with user_id "guest"
     own = replace(settings, amqp_url=settings.amqp_url.replace("guest:guest@", "server:x@"))
     with service_thread("server", settings, lambda bus: ServerService(own, bus), lambda svc, bus: svc.run()):
-        test = Bus(settings, "test", connect_timeout_s=5).connect()
+        test = AmqpBus(settings, "test", connect_timeout_s=5).connect()
         n = test.names
         agg = RoundAggregated("a" * 32, 0, ["site-1"], DXO("WEIGHTS", {"w": np.ones(3, np.float32)}, {}), "t0")
         props = pika.BasicProperties(type=RoundAggregated.TYPE, delivery_mode=2, user_id="guest")

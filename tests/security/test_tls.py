@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sagmq.amqp import AmqpBus
 from sagmq.job.spec import read_job_folder
-from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.bus import Delivery
 from sagmq.wire.errors import BrokerUnavailable
 from sagmq.wire.settings import load_settings
 from tests.brokernode import RabbitNode, make_certs, running_node
@@ -60,7 +61,7 @@ def conn_name(c: dict) -> str:
 def test_bus_publishes_and_consumes_over_tls_with_a_client_certificate(node: RabbitNode,
                                                                       certs: dict[str, Path]) -> None:
     settings = load_settings({"SAGMQ_AMQP_URL": node.amqps_url, **tls_env(certs)})
-    bus = Bus(settings, "tls-probe", connect_timeout_s=10).connect()
+    bus = AmqpBus(settings, "tls-probe", connect_timeout_s=10).connect()
     try:
         queue = f"tls-{uuid.uuid4().hex[:8]}"
         bus.channel.queue_declare(queue, durable=True)
@@ -84,7 +85,7 @@ def test_without_a_client_certificate_the_broker_refuses_the_connection(node: Ra
     settings = load_settings({"SAGMQ_AMQP_URL": node.amqps_url, **tls_env(certs, client_cert=False)})
     t0 = time.monotonic()
     with pytest.raises(BrokerUnavailable) as e:
-        Bus(settings, "no-cert", connect_timeout_s=3).connect()
+        AmqpBus(settings, "no-cert", connect_timeout_s=3).connect()
     assert time.monotonic() - t0 < 15
     # TLS 1.3: the client's handshake completes, then the server's alert arrives as a lost stream
     assert "CERTIFICATE_REQUIRED" in str(e.value)
@@ -94,7 +95,7 @@ def test_a_tls_refusal_is_not_retried_like_an_outage(node: RabbitNode, certs: di
     settings = load_settings({"SAGMQ_AMQP_URL": node.amqps_url, **tls_env(certs, client_cert=False)})
     t0 = time.monotonic()
     with pytest.raises(BrokerUnavailable):
-        Bus(settings, "no-cert", connect_timeout_s=8).connect()
+        AmqpBus(settings, "no-cert", connect_timeout_s=8).connect()
     assert time.monotonic() - t0 < 5  # not retried with backoff until the 8 s are over
 
 
@@ -102,7 +103,7 @@ def test_an_untrusted_server_certificate_is_broker_unavailable(node: RabbitNode,
                                                                certs: dict[str, Path]) -> None:
     settings = load_settings({"SAGMQ_AMQP_URL": node.amqps_url, **tls_env(certs, ca=False)})  # system CAs only
     with pytest.raises(BrokerUnavailable):
-        Bus(settings, "untrusting", connect_timeout_s=3).connect()
+        AmqpBus(settings, "untrusting", connect_timeout_s=3).connect()
 
 
 @pytest.mark.e2e

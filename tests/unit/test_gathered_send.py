@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
-import sagmq.wire.bus as bus_mod
+import sagmq.amqp.bus as bus_mod
 
 
 class Sock:

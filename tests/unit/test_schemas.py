@@ -751,7 +751,8 @@ def test_readme_covers_types_dtypes_and_dead_letter_headers() -> None:
         assert f"`{cls.TYPE}`" in text, cls.TYPE
     for dtype in ALLOWED_DTYPES:
         assert f"`{dtype}`" in text, dtype
-    bus_src = (SERVICES_DIR / "wire" / "bus.py").read_text(encoding="utf-8")
+    bus_src = "\n".join(p.read_text(encoding="utf-8") for d in ("wire", "amqp", "memory")
+                         for p in sorted((SERVICES_DIR / d).glob("*.py")))
     headers = set(re.findall(r'"(x-sagmq-[a-z-]+)"', bus_src))
     assert headers
     for h in headers:
