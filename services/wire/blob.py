@@ -191,6 +191,37 @@ def resolve(header: Any, raw: memoryview) -> Any:
 
 
 @dataclass(slots=True)
+class PartSet:
+    """Which parts of a blob have arrived: the bookkeeping every receiver of blobs shares
+    (the bus's assembly, RPC replies, the aggregator's streamed results)."""
+
+    parts: int
+    got: set[int] = field(default_factory=set)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def seen(self, idx: int) -> bool:
+        """Note that part idx arrived now; True if it had arrived before (a duplicate)."""
+        self.last_seen = time.monotonic()
+        return idx in self.got
+
+    def add(self, idx: int) -> bool:
+        """Count part idx as taken; True once every part is in."""
+        self.got.add(idx)
+        return self.complete()
+
+    def complete(self) -> bool:
+        return len(self.got) == self.parts
+
+    def missing(self, also_have: Mapping[int, Any] | None = None) -> list[int]:
+        """Parts not taken yet (nor in also_have), in order."""
+        return [i for i in range(self.parts) if i not in self.got and not (also_have and i in also_have)]
+
+    def stale(self, now: float, timeout_s: float) -> bool:
+        """No part for timeout_s seconds."""
+        return now - self.last_seen > timeout_s
+
+
+@dataclass(slots=True)
 class Assembly:
     """A blob being put together in one writable buffer."""
 
@@ -200,14 +231,23 @@ class Assembly:
     max_bytes: int
     header: Any = None
     buf: memoryview | None = None  # over an uninitialised numpy buffer: every byte is written once
-    got: set[int] = field(default_factory=set)
     early: dict[int, tuple[int, bytes]] = field(default_factory=dict)
-    last_seen: float = field(default_factory=time.monotonic)
+    track: PartSet = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.track = PartSet(self.parts)
+
+    @property
+    def got(self) -> set[int]:
+        return self.track.got
+
+    @property
+    def last_seen(self) -> float:
+        return self.track.last_seen
 
     def add(self, idx: int, headers: Mapping[str, Any], body: bytes, header_limit: int) -> bool:
         """Take one part (a duplicate is ignored); True once every part is in."""
-        self.last_seen = time.monotonic()
-        if idx in self.got:
+        if self.track.seen(idx):
             return self.complete()
         if idx == 0:
             if self.size > self.max_bytes:
@@ -218,7 +258,7 @@ class Assembly:
             self.buf = memoryview(np.empty(self.size, dtype=np.uint8))
             for j, (off, data) in self.early.items():
                 self.buf[off:off + len(data)] = data
-                self.got.add(j)
+                self.track.add(j)
             self.early.clear()
         else:
             off = check_data_part(headers, body, self.size)
@@ -226,14 +266,13 @@ class Assembly:
                 self.early[idx] = (off, body)  # came before part 0: hold it
                 return False
             self.buf[off:off + len(body)] = body
-        self.got.add(idx)
-        return self.complete()
+        return self.track.add(idx)
 
     def complete(self) -> bool:
-        return len(self.got) == self.parts
+        return self.track.complete()
 
     def missing(self) -> list[int]:
-        return [i for i in range(self.parts) if i not in self.got and i not in self.early]
+        return self.track.missing(self.early)
 
     def message_map(self) -> Any:
         """The complete message map, arrays as views over the (writable) buffer."""
