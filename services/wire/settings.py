@@ -8,7 +8,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -50,6 +50,10 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_server_name: str = ""
+    # pika's internals for speed (sagmq.amqp.fastpath), where this pika has them; SAGMQ_PIKA_FASTPATH=0
+    # turns them off. The default is read from the environment even for a Settings built in code
+    # (tests, tools), so the switch reaches every bus of a process.
+    pika_fastpath: bool = field(default_factory=lambda: _bool(os.environ, "SAGMQ_PIKA_FASTPATH", True))
 
     @property
     def amqp_user(self) -> str:
@@ -147,6 +151,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tls_cert_file=_file(env, "SAGMQ_TLS_CERT_FILE"),
         tls_key_file=_file(env, "SAGMQ_TLS_KEY_FILE"),
         tls_server_name=env.get("SAGMQ_TLS_SERVER_NAME") or "",
+        pika_fastpath=_bool(env, "SAGMQ_PIKA_FASTPATH", True),
     )
 
 

@@ -37,8 +37,16 @@ def test_empty_values_mean_defaults() -> None:
     keys = ["SAGMQ_AMQP_URL", "SAGMQ_PREFIX", "SAGMQ_WORKSPACE", "SAGMQ_SITE", "SAGMQ_HEARTBEAT_S",
             "SAGMQ_CLIENT_TIMEOUT_S", "SAGMQ_SCHEDULE_TIMEOUT_S", "SAGMQ_MAX_BODY_BYTES", "SAGMQ_RPC_TIMEOUT_S",
             "SAGMQ_ALLOW_CUSTOM_CODE", "SAGMQ_LOG_LEVEL", "SAGMQ_DECLARE", "SAGMQ_AMQP_HEARTBEAT_S",
-            "SAGMQ_TLS_CA_FILE", "SAGMQ_TLS_CERT_FILE", "SAGMQ_TLS_KEY_FILE", "SAGMQ_TLS_SERVER_NAME"]
-    assert load_settings({k: "" for k in keys}) == Settings()
+            "SAGMQ_TLS_CA_FILE", "SAGMQ_TLS_CERT_FILE", "SAGMQ_TLS_KEY_FILE", "SAGMQ_TLS_SERVER_NAME",
+            "SAGMQ_PIKA_FASTPATH"]
+    assert load_settings({k: "" for k in keys}) == Settings(pika_fastpath=True)
+
+
+def test_pika_fastpath_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings({"SAGMQ_PIKA_FASTPATH": "0"}).pika_fastpath is False
+    assert load_settings({"SAGMQ_PIKA_FASTPATH": "1"}).pika_fastpath is True
+    monkeypatch.setenv("SAGMQ_PIKA_FASTPATH", "0")  # reaches Settings built in code too
+    assert Settings().pika_fastpath is False
 
 
 def test_every_variable_is_parsed(tmp_path: Path) -> None:
