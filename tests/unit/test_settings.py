@@ -76,6 +76,7 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
         "SAGMQ_CHUNK_TIMEOUT_S": "7",
         "SAGMQ_FORWARD_MIN_BYTES": "4096",
         "SAGMQ_AGGREGATOR_USER": "agg-1",
+        "SAGMQ_PIKA_FASTPATH": "off",
     }
     s = load_settings(env)
     assert s.amqp_url == env["SAGMQ_AMQP_URL"]
@@ -100,12 +101,13 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert s.amqp_user == "alice"
     assert (s.chunk_bytes, s.max_model_bytes, s.chunk_timeout_s) == (65536, 1000000, 7.0)
     assert (s.forward_min_bytes, s.aggregator_user) == (4096, "agg-1")
+    assert s.pika_fastpath is False
     # every field of Settings is covered by this test: a new setting needs a line above
     assert {f.name for f in dataclasses.fields(Settings)} == {
         "amqp_url", "prefix", "workspace", "site", "heartbeat_s", "client_timeout_s", "schedule_timeout_s",
         "max_body_bytes", "rpc_timeout_s", "allow_custom_code", "log_level", "declare", "amqp_heartbeat_s",
         "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name", "chunk_bytes", "max_model_bytes",
-        "chunk_timeout_s", "forward_min_bytes", "aggregator_user"}
+        "chunk_timeout_s", "forward_min_bytes", "aggregator_user", "pika_fastpath"}
 
 
 def test_chunk_bytes_must_fit_below_the_body_limit() -> None:
