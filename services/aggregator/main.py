@@ -1,4 +1,8 @@
-"""The aggregator service: one accumulator per open round, fed from the results queue.
+"""The aggregator service: hosts one InTimeAccumulateWeightedAggregator per open round.
+
+The component does the arithmetic and the checks, and takes a large result part by part;
+this service is the adapter around it: it feeds it the results queue, turns its verdicts
+into contribution events and dead-letters, and publishes each round's aggregate.
 
 Nothing a round depends on is acked before the round's aggregate is confirmed by the
 broker: the round.open, every accepted result and the round.close stay unacked until
@@ -13,16 +17,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-
-from sagmq.aggregator.accumulator import Accumulator, VarSpec
-from sagmq.job.spec import AggregatorConfig
+from sagmq.aggregator.intime_accumulate_weighted_aggregator import (
+    InTimeAccumulateWeightedAggregator,
+    VarSpec,
+    read_stream_header,
+)
 from sagmq.runtime.lifecycle import serve
-from sagmq.wire.blob import check_data_part, is_part, part_info, refs
+from sagmq.wire.blob import is_part, part_info
 from sagmq.wire.bus import Bus, Delivery
-from sagmq.wire.codec import check_plain, unpack
+from sagmq.wire.codec import unpack
 from sagmq.wire.errors import DecodeError, Rejected, SagmqError
 from sagmq.wire.messages import (
     ABORTED,
@@ -50,35 +54,28 @@ class OpenRound:
     job_id: str
     round: int
     task_id: str
-    acc: Accumulator
+    aggregator: InTimeAccumulateWeightedAggregator
     held: list[Delivery] = field(default_factory=list)
     closing: RoundClose | None = None
     closing_since: float = 0.0
-    streams: dict[str, Stream] = field(default_factory=dict)
+    streams: dict[str, Stream] = field(default_factory=dict)  # blob -> a large result the aggregator takes in
     answered: set[str] = field(default_factory=set)  # targets whose result was accepted or refused
     persist: bool = False  # the aggregate goes to the persistor too
     forward: bool = False  # the aggregate goes to the accepted sites too (their next model)
     commits: str = ""  # passed on with the aggregate (see RoundOpen.commits)
 
     def all_answered(self) -> bool:
-        return self.answered >= self.acc.targets
+        return self.answered >= self.aggregator.targets
 
 
 @dataclass(slots=True)
 class Stream:
-    """A large result arriving part by part, added to the sums as it comes."""
+    """A large result arriving part by part: what the service keeps of it (the sums are the component's)."""
 
     blob: str
     result: TaskResult  # without its dxo
-    weight: float
-    names: list[str]
-    refs: dict[str, tuple[int, int, np.dtype[Any], tuple[int, ...]]]  # name -> offset, nbytes, dtype, shape
     parts: int
-    size: int
-    got: set[int] = field(default_factory=set)
     held: list[Delivery] = field(default_factory=list)
-    added: bool = False
-    last_seen: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -142,11 +139,9 @@ class AggregatorService:
         for _, rk, agg, held, cc in due:
             self._send_aggregate(rk, agg, held, cc)
         for cur in list(self.open.values()):
-            for st in list(cur.streams.values()):
-                if now - st.last_seen > self.s.chunk_timeout_s:
-                    missing = [i for i in range(st.parts) if i not in st.got][:10]
-                    self._refuse_stream(cur, st, f"parts {missing} of {st.parts} missing after "
-                                                 f"{self.s.chunk_timeout_s:g} s")
+            for blob, reason in cur.aggregator.stale_streams(now, self.s.chunk_timeout_s).items():
+                self._refuse_stream(cur, cur.streams[blob], reason)
+                if cur.aggregator.spoiled:
                     return  # the round is being rebuilt
             if cur.closing is not None:
                 self._try_close(cur, now)
@@ -192,8 +187,10 @@ class AggregatorService:
             log.info("round %d of job %s replaced by round %d (task %s)", cur.round, m.job_id, m.round, m.task_id)
             self.bus.ack_many(cur.held)
         spec = {k: VarSpec(m.var_dtypes[k], tuple(m.var_shapes[k])) for k in m.var_dtypes if k in m.var_shapes}
-        cfg = AggregatorConfig(m.expected_data_kind, dict(m.aggregation_weights), m.exclude_vars, m.weigh_by_local_iter)
-        rnd = OpenRound(m.job_id, m.round, m.task_id, Accumulator(cfg, frozenset(m.targets), spec), [d],
+        aggregator = InTimeAccumulateWeightedAggregator(
+            m.expected_data_kind, m.aggregation_weights, m.exclude_vars, m.weigh_by_local_iter,
+            targets=m.targets, spec=spec)
+        rnd = OpenRound(m.job_id, m.round, m.task_id, aggregator, [d],
                         persist=m.persist, forward=m.forward, commits=m.commits)
         d.deferred = True
         self.open[m.job_id] = rnd
@@ -218,30 +215,30 @@ class AggregatorService:
 
     def _answered(self, cur: OpenRound, r: TaskResult) -> None:
         """Note a target's answer; once every target answered, close the round without waiting."""
-        if r.site in cur.acc.targets and r.round == cur.round and r.task_id == cur.task_id:
+        if r.site in cur.aggregator.targets and r.round == cur.round and r.task_id == cur.task_id:
             cur.answered.add(r.site)
         if cur.closing is None and cur.all_answered():
-            cur.closing = RoundClose(cur.job_id, cur.round, f"all {len(cur.acc.targets)} targets answered",
-                                     sorted(cur.acc.accepted))
+            cur.closing = RoundClose(cur.job_id, cur.round, f"all {len(cur.aggregator.targets)} targets answered",
+                                     sorted(cur.aggregator.accepted))
             cur.closing_since = time.monotonic()
             self._try_close(cur, cur.closing_since)
 
     def _try_close(self, cur: OpenRound, now: float) -> None:
         assert cur.closing is not None
         m, since = cur.closing, cur.closing_since
-        missing = sorted(set(m.expected) - set(cur.acc.accepted))
+        missing = sorted(set(m.expected) - set(cur.aggregator.accepted))
         if missing and now - since < self.grace_s:
             return  # results accepted before a restart are being redelivered
         for st in list(cur.streams.values()):  # results still arriving when the round closed
             self._refuse_stream(cur, st, f"late: round {m.round} closed before all {st.parts} parts arrived")
-            if st.added:
+            if cur.aggregator.spoiled:
                 return  # the round is being rebuilt without it
         if missing:
             log.warning("round %d of job %s: results of %s never came back; aggregating without them",
                         m.round, m.job_id, ", ".join(missing))
-        dxo = cur.acc.result()
-        agg = RoundAggregated(m.job_id, m.round, list(cur.acc.accepted), dxo, cur.task_id, cur.commits)
-        log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.acc.accepted), m.round,
+        dxo = cur.aggregator.aggregate()
+        agg = RoundAggregated(m.job_id, m.round, list(cur.aggregator.accepted), dxo, cur.task_id, cur.commits)
+        log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.aggregator.accepted), m.round,
                  m.job_id, m.reason)
         rk = RK_ROUND_AGGREGATED_SAVE if cur.persist and dxo is not None else RK_ROUND_AGGREGATED
         # one publish: the broker copies the body to the server, the persistor and each site forwarded to
@@ -327,21 +324,15 @@ class AggregatorService:
         return int(rnd) > self.closed.get(job, -1)
 
     def _open_stream(self, d: Delivery, blob: str, n: int, size: int) -> None:
+        """The header part of a large result: the round's aggregator checks it and takes the rest as it comes."""
         header = unpack(d.body, self.s.max_body_bytes)
         if size > self.s.max_model_bytes:
             raise Rejected(f"result of {size} bytes exceeds SAGMQ_MAX_MODEL_BYTES={self.s.max_model_bytes}")
         if not isinstance(header, dict) or not isinstance(header.get("dxo"), dict):
             raise DecodeError("large result without a dxo")
-        dxo = header["dxo"]
-        if set(dxo) != {"kind", "data", "meta"} or not isinstance(dxo["data"], dict):
-            raise DecodeError("result.dxo: expected a map with kind, data and meta")
+        head = read_stream_header(header["dxo"], n, size)
         r = from_wire(TaskResult, {**header, "dxo": None})
         self._check_sender(d, r)
-        refs_by_name = {}
-        for name, ref in dxo["data"].items():
-            (one,) = refs(ref, size, where=f"result.dxo.data[{name!r}]")
-            refs_by_name[name] = one
-        meta = check_plain(dxo["meta"], "result.dxo.meta")
         cur = self.open.get(r.job_id)
         if cur is None:
             self.refused[blob] = time.monotonic()
@@ -350,69 +341,51 @@ class AggregatorService:
             return
         try:
             self._check_round(cur, r)
-            weight, names = cur.acc.check_header(
-                r.site, r.rc, dxo["kind"] if isinstance(dxo["kind"], str) else None, meta,
-                {k: (v[2].str, v[3]) for k, v in refs_by_name.items()}, r.error)
-            if any(st.result.site == r.site for st in cur.streams.values()):
-                raise Rejected(f"duplicate: site {r.site} is already sending a result this round")
+            status = cur.aggregator.begin_stream(blob, r.site, r.rc, head, r.error)
         except Rejected as e:
             self.refused[blob] = time.monotonic()
             self._reject(d, r, e.reason)
             return
-        st = Stream(blob, r, weight, names, {k: refs_by_name[k] for k in names}, n, size)
-        cur.streams[blob] = st
-        self._stream_part(cur, st, d, 0)
+        d.deferred = True
+        st = cur.streams[blob] = Stream(blob, r, n, [d])
+        if status.complete:
+            self._stream_done(cur, st)
 
     def _stream_part(self, cur: OpenRound, st: Stream, d: Delivery, idx: int) -> None:
+        """A data part: held (acked with the round), added by the aggregator unless it came before."""
         d.deferred = True
         st.held.append(d)
-        st.last_seen = time.monotonic()
-        if idx in st.got:
-            return  # a duplicate part: held (acked with the round), never added twice
-        if idx > 0:
-            try:
-                off = check_data_part(d.headers, d.body, st.size)
-                self._add_part(cur, st, off, d.body)
-            except (DecodeError, Rejected) as e:
-                self._refuse_stream(cur, st, str(e))
-                return
+        try:
+            status = cur.aggregator.add_part(st.blob, idx, d.headers, d.body)
+        except Rejected as e:
+            self._refuse_stream(cur, st, e.reason)
+            return
+        if not status.duplicate:
             d.body = b""  # added to the sums: hold only the delivery tag
-        st.got.add(idx)
-        if len(st.got) == st.parts:
-            del cur.streams[st.blob]
-            cur.acc.finish(st.result.site, st.names, st.weight)
-            cur.held.extend(st.held)
-            self._verdict(st.result, True, "")
-            log.info("contribution from %s ACCEPTED at round %d of job %s (%d parts)", st.result.site,
-                     st.result.round, st.result.job_id, st.parts)
-            self._answered(cur, st.result)
-            if cur.closing is not None and cur.job_id in self.open:
-                self._try_close(cur, time.monotonic())
+        if status.complete:
+            self._stream_done(cur, st)
 
-    def _add_part(self, cur: OpenRound, st: Stream, off: int, body: bytes) -> None:
-        """Add the values a data part carries to the sums (checked first, chunk by chunk)."""
-        end = off + len(body)
-        runs = []
-        for name, (aoff, nbytes, dt, shape) in st.refs.items():
-            lo, hi = max(off, aoff), min(end, aoff + nbytes)
-            if lo >= hi:
-                continue
-            values = np.frombuffer(body, dtype=dt, count=(hi - lo) // dt.itemsize, offset=lo - off)
-            cur.acc.check_values(name, values)
-            runs.append((name, (lo - aoff) // dt.itemsize, values, shape))
-        for name, start, values, shape in runs:
-            cur.acc.add_values(name, start, values, st.weight, shape)
-            st.added = True
+    def _stream_done(self, cur: OpenRound, st: Stream) -> None:
+        """Every part of a large result is in: it counts like a whole one."""
+        del cur.streams[st.blob]
+        cur.held.extend(st.held)
+        self._verdict(st.result, True, "")
+        log.info("contribution from %s ACCEPTED at round %d of job %s (%d parts)", st.result.site,
+                 st.result.round, st.result.job_id, st.parts)
+        self._answered(cur, st.result)
+        if cur.closing is not None and cur.job_id in self.open:
+            self._try_close(cur, time.monotonic())
 
     def _refuse_stream(self, cur: OpenRound, st: Stream, reason: str) -> None:
         """Turn away a large result; if part of it was already added, rebuild the round without it."""
         cur.streams.pop(st.blob, None)
+        cur.aggregator.drop_stream(st.blob)
         self.refused[st.blob] = time.monotonic()
         self._verdict(st.result, False, reason)
         self.bus.dead_letter(st.held[0], reason)
         for p in st.held[1:]:
             self.bus.ack(p)
-        if st.added:
+        if cur.aggregator.spoiled:
             log.warning("round %d of job %s: rebuilding without the refused result of %s",
                         cur.round, cur.job_id, st.result.site)
             self.bus.reset("rebuild the round without a refused result")
@@ -438,9 +411,7 @@ class AggregatorService:
             return
         try:
             self._check_round(cur, r)
-            if any(st.result.site == r.site for st in cur.streams.values()):
-                raise Rejected(f"duplicate: site {r.site} is already sending a result this round")
-            cur.acc.accept(r.site, r.rc, r.dxo, r.error)
+            cur.aggregator.accept(r.site, r.rc, r.dxo, r.error)
         except Rejected as e:
             self._reject(d, r, e.reason)
             return

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sagmq.client.api import Executor, TaskError
-from sagmq.client.trainer import NPTrainer
+from sagmq.client.np_trainer import NPTrainer
 from sagmq.job.spec import TRAINER, ExecutorSpec, app_for_site, parse_client_config
 from sagmq.wire.errors import JobSpecError
 from sagmq.wire.messages import RC_BAD_TASK_DATA, RC_EXECUTION_EXCEPTION, RC_TASK_UNKNOWN, RC_UNSAFE_JOB, Files

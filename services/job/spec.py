@@ -30,24 +30,41 @@ GENERATOR = "FullModelShareableGenerator"
 PERSISTOR = "NPModelPersistor"
 TRAINER = "NPTrainer"
 
-# Component paths (NVFlare's, their package shortcuts, and sagmq's own) -> canonical name.
-ALIASES: dict[str, str] = {
+# The class each component stands for: sagmq's own implementation, by import path.
+CLASSES: dict[str, str] = {
+    SAG: "sagmq.server.scatter_and_gather.ScatterAndGather",
+    AGGREGATOR: "sagmq.aggregator.intime_accumulate_weighted_aggregator.InTimeAccumulateWeightedAggregator",
+    GENERATOR: "sagmq.server.full_model_shareable_generator.FullModelShareableGenerator",
+    PERSISTOR: "sagmq.persistor.np_model_persistor.NPModelPersistor",
+    TRAINER: "sagmq.client.np_trainer.NPTrainer",
+}
+
+# NVFlare's component paths (and their package shortcuts), so an NVFlare job folder runs unchanged.
+_NVFLARE: dict[str, str] = {
     "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather": SAG,
     "nvflare.app_common.workflows.ScatterAndGather": SAG,
-    "sagmq.server.workflow.ScatterAndGather": SAG,
     "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator": AGGREGATOR,
     "nvflare.app_common.aggregators.InTimeAccumulateWeightedAggregator": AGGREGATOR,
-    "sagmq.aggregator.accumulator.InTimeAccumulateWeightedAggregator": AGGREGATOR,
     "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator": GENERATOR,
     "nvflare.app_common.shareablegenerators.FullModelShareableGenerator": GENERATOR,
-    "sagmq.server.generator.FullModelShareableGenerator": GENERATOR,
     "nvflare.app_common.np.np_model_persistor.NPModelPersistor": PERSISTOR,
-    "sagmq.persistor.store.NPModelPersistor": PERSISTOR,
     "nvflare.app_common.np.np_trainer.NPTrainer": TRAINER,
-    "sagmq.client.trainer.NPTrainer": TRAINER,
 }
-for _canon in (SAG, AGGREGATOR, GENERATOR, PERSISTOR, TRAINER):
-    ALIASES[_canon] = _canon
+
+# Every path a job may name a component by (NVFlare's, sagmq's own, the bare class name) -> the import
+# path of the sagmq class that runs it.
+ALIASES: dict[str, str] = {
+    **{path: CLASSES[name] for path, name in _NVFLARE.items()},
+    **{path: path for path in CLASSES.values()},
+    **{name: path for name, path in CLASSES.items()},
+}
+
+
+def component_name(path: str) -> str | None:
+    """The component a job's class path names (SAG, AGGREGATOR, ...), or None if sagmq has none by that path."""
+    target = ALIASES.get(path)
+    return None if target is None else target.rsplit(".", 1)[1]
+
 
 # SAG arguments NVFlare accepts that have no effect in sagmq.
 _SAG_IGNORED = {"task_check_period", "snapshot_every_n_rounds", "allow_empty_global_weights",
@@ -310,7 +327,7 @@ def parse_client_config(files: Files, app: str = "") -> list[ExecutorSpec]:
             raise JobSpecError(name, f"{fld}.tasks", "must be a non-empty list of task names")
         path = component_path(name, f"{fld}.executor", e.get("executor"))
         args = e["executor"].get("args", {})
-        canon = ALIASES.get(path)
+        canon = component_name(path)
         if canon == TRAINER:
             out.append(ExecutorSpec(tuple(tasks), TRAINER, parse_trainer_args(name, f"{fld}.executor.args", args), False))
         elif canon is not None:
@@ -328,12 +345,8 @@ def parse_client_config(files: Files, app: str = "") -> list[ExecutorSpec]:
     return out
 
 
-def parse_job(files: Files) -> JobSpec:
-    """Validate a whole job; raise JobSpecError naming the file and field at fault."""
-    meta = _json(files, "meta.json")
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        raise JobSpecError("meta.json", "name", "must be a non-empty string")
+def _parse_deploy_map(files: Files, meta: dict[str, Any]) -> dict[str, list[str]]:
+    """meta.json's deploy_map: app folder -> sites, every app folder present."""
     dm = meta.get("deploy_map")
     if not isinstance(dm, dict) or not dm:
         raise JobSpecError("meta.json", "deploy_map", "must map app folders to lists of sites")
@@ -344,19 +357,11 @@ def parse_job(files: Files) -> JobSpec:
         if not any(p.startswith(f"{app}/") for p in files):
             raise JobSpecError("meta.json", f"deploy_map.{app}", f"app folder {app}/ does not exist")
         deploy_map[app] = list(sites)
-    server_apps = [a for a, s in deploy_map.items() if SERVER in s or ALL_SITES in s]
-    if len(server_apps) != 1:
-        raise JobSpecError("meta.json", "deploy_map", "exactly one app must be deployed to 'server' or '@ALL'")
-    min_clients = meta.get("min_clients", 1)
-    _num("meta.json", "min_clients", min_clients, 1, True)
-    resource_spec = meta.get("resource_spec", {})
-    if not isinstance(resource_spec, dict):
-        raise JobSpecError("meta.json", "resource_spec", "must be an object")
+    return deploy_map
 
-    server_app = server_apps[0]
-    sfile = f"{server_app}/config/config_fed_server.json"
-    cfg = _json(files, sfile)
-    _check_format(sfile, cfg)
+
+def _parse_components(sfile: str, cfg: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any], str]]:
+    """The server app's components: id -> (component name, args, field they came from)."""
     comps_raw = cfg.get("components", [])
     if not isinstance(comps_raw, list):
         raise JobSpecError(sfile, "components", "must be a list")
@@ -367,17 +372,33 @@ def parse_job(files: Files) -> JobSpec:
         cid = c.get("id")
         if not isinstance(cid, str) or not cid:
             raise JobSpecError(sfile, f"{fld}.id", "is missing")
-        canon = ALIASES.get(path)
+        canon = component_name(path)
         if canon is None:
             raise JobSpecError(sfile, f"{fld}.path", f"{path!r} is not a component sagmq provides")
         comps[cid] = (canon, c.get("args", {}), fld)
+    return comps
+
+
+def _parse_workflow(sfile: str, cfg: dict[str, Any]) -> SAGConfig:
+    """The server app's one workflow, which must be ScatterAndGather."""
     wfs = cfg.get("workflows")
     if not isinstance(wfs, list) or len(wfs) != 1:
         raise JobSpecError(sfile, "workflows", "must list exactly one workflow (ScatterAndGather)")
     wpath = component_path(sfile, "workflows[0]", wfs[0])
-    if ALIASES.get(wpath) != SAG:
+    if component_name(wpath) != SAG:
         raise JobSpecError(sfile, "workflows[0].path", f"{wpath!r}: sagmq runs ScatterAndGather workflows only")
-    sag = parse_sag(sfile, wfs[0].get("args", {}))
+    return parse_sag(sfile, wfs[0].get("args", {}))
+
+
+def _parse_server_app(
+    files: Files, server_app: str
+) -> tuple[SAGConfig, AggregatorConfig, PersistorConfig | None]:
+    """The server app's workflow and the components it names."""
+    sfile = f"{server_app}/config/config_fed_server.json"
+    cfg = _json(files, sfile)
+    _check_format(sfile, cfg)
+    comps = _parse_components(sfile, cfg)
+    sag = _parse_workflow(sfile, cfg)
 
     def component(cid: str, want: str, fld: str) -> tuple[dict[str, Any], str]:
         if cid not in comps:
@@ -396,7 +417,25 @@ def parse_job(files: Files) -> JobSpec:
     if sag.persistor_id:
         p_args, p_fld = component(sag.persistor_id, PERSISTOR, "persistor_id")
         persistor = parse_persistor(sfile, f"{p_fld}.args", p_args)
+    return sag, aggregator, persistor
 
+
+def parse_job(files: Files) -> JobSpec:
+    """Validate a whole job; raise JobSpecError naming the file and field at fault."""
+    meta = _json(files, "meta.json")
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise JobSpecError("meta.json", "name", "must be a non-empty string")
+    deploy_map = _parse_deploy_map(files, meta)
+    server_apps = [a for a, s in deploy_map.items() if SERVER in s or ALL_SITES in s]
+    if len(server_apps) != 1:
+        raise JobSpecError("meta.json", "deploy_map", "exactly one app must be deployed to 'server' or '@ALL'")
+    min_clients = meta.get("min_clients", 1)
+    _num("meta.json", "min_clients", min_clients, 1, True)
+    resource_spec = meta.get("resource_spec", {})
+    if not isinstance(resource_spec, dict):
+        raise JobSpecError("meta.json", "resource_spec", "must be an object")
+    sag, aggregator, persistor = _parse_server_app(files, server_apps[0])
     for app, sites in deploy_map.items():
         if any(s != SERVER for s in sites):
             parse_client_config(files, app)
@@ -405,7 +444,7 @@ def parse_job(files: Files) -> JobSpec:
         meta=meta,
         deploy_map=deploy_map,
         min_clients=min_clients,
-        server_app=server_app,
+        server_app=server_apps[0],
         sag=sag,
         aggregator=aggregator,
         persistor=persistor,

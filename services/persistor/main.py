@@ -1,4 +1,10 @@
-"""The persistor service: loads and saves models, records job meta, serves downloads."""
+"""The persistor service: hosts one NPModelPersistor per job; loads and saves models, records job
+meta and history, serves downloads.
+
+The component owns the files; this service is the adapter that carries messages to it: it
+holds a round's aggregate unacked until the server's model.commit (or a later round built
+on it) says to save it, and acks each message only once what it asks for is on disk.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sagmq.persistor.store import ModelStore
+from sagmq.persistor.np_model_persistor import NPModelPersistor
 from sagmq.runtime.lifecycle import serve
 from sagmq.wire.bus import Bus, Delivery
 from sagmq.wire.codec import DXO, WEIGHTS
@@ -28,7 +34,7 @@ from sagmq.wire.messages import (
     ModelSaved,
     RoundAggregated,
 )
-from sagmq.wire.settings import Settings
+from sagmq.wire.settings import Settings, check_name
 from sagmq.wire.topology import RK_MODEL_LOADED, RK_MODEL_SAVED
 
 log = logging.getLogger(__name__)
@@ -50,7 +56,8 @@ class PersistorService:
     def __init__(self, settings: Settings, bus: Bus) -> None:
         self.s = settings
         self.bus = bus
-        self.store = ModelStore(settings.workspace)
+        self.root = settings.workspace / "persistor" / "jobs"
+        self.persistors: dict[str, NPModelPersistor] = {}  # job -> its persistor, made on first use
         self.stop = threading.Event()
         self.aggregates: dict[str, _Held] = {}  # job -> its latest aggregate routed here, held
         self.commits: dict[str, _Held] = {}  # job -> a model.commit whose aggregate has not come yet
@@ -64,7 +71,7 @@ class PersistorService:
     def run(self) -> None:
         """Serve until stopped."""
         self.bus.consume(self.bus.names.persistor_queue, self.on_message, prefetch=0)  # saves come in held parts
-        log.info("persistor ready (store %s)", self.store.root)
+        log.info("persistor ready (store %s)", self.root)
         self.bus.run(self.stop, self.tick, 1.0)
 
     def forget_held(self) -> None:
@@ -75,7 +82,8 @@ class PersistorService:
     def tick(self) -> None:
         """Write history that came since the last write; a commit whose aggregate never came is
         dead-lettered (the server's round then shows it)."""
-        self.store.flush_history()
+        for p in self.persistors.values():
+            p.flush_history()
         for job, (rnd, path) in list(self.unconfirmed.items()):
             self._saved(job, rnd, path, now=True)
         now = time.monotonic()
@@ -101,10 +109,11 @@ class PersistorService:
             ev = d.message(JobEvent, limit)
             if ev.status in (FINISHED, FAILED, ABORTED):
                 self._drop_held(ev.job_id, None)
-            self.store.write_json(ev.job_id, "meta.json", {**ev.meta, "job_id": ev.job_id, "name": ev.name,
-                                                           "status": ev.status, "reason": ev.reason})
+            p = self.persistor(ev.job_id)
+            p.write_json("meta.json", {**ev.meta, "job_id": ev.job_id, "name": ev.name,
+                                       "status": ev.status, "reason": ev.reason})
             if ev.history:
-                self.store.replace_history(ev.job_id, ev.history)
+                p.replace_history(ev.history)
         elif d.msg_type == AdminRequest.TYPE:
             self.on_admin(d, d.message(AdminRequest, limit))
         elif d.msg_type == Control.TYPE:
@@ -114,20 +123,38 @@ class PersistorService:
         else:
             raise Rejected(f"the persistor queue does not take {d.msg_type!r} messages")
 
+    def persistor(self, job_id: str) -> NPModelPersistor:
+        """The job's persistor (ConfigError for a job id that cannot be a folder name)."""
+        p = self.persistors.get(job_id)
+        if p is None:
+            p = self.persistors[job_id] = NPModelPersistor(self.root / check_name("job id", job_id))
+        return p
+
+    def _locate(self, job_id: str, model_dir: str, model_name: str) -> NPModelPersistor:
+        """The job's persistor, saving to model_dir/model_name from now on."""
+        p = self.persistor(job_id)
+        p.model_dir, p.model_name = model_dir, model_name
+        self.targets[job_id] = (model_dir, model_name)
+        return p
+
     def on_load(self, m: ModelLoad) -> None:
         """Send the job's starting model (the saved one when resuming)."""
-        self.targets[m.job_id] = (m.model_dir, m.model_name)
         try:
-            weights, source, last = self.store.load(m.job_id, m.model_dir, m.model_name, m.initial, m.source)
+            p = self._locate(m.job_id, m.model_dir, m.model_name)
+            p.model, p.source_ckpt_file_full_name = m.initial, m.source
+            loaded = p.load()
         except (SagmqError, OSError, ValueError) as e:
             log.error("cannot load the model of job %s: %s", m.job_id, e)
             self.bus.publish(self.bus.names.events, RK_MODEL_LOADED,
                              ModelLoaded(m.job_id, "error", None, error=f"the persistor cannot load the model: {e}"),
                              headers={"job_id": m.job_id})
             return
+        last = loaded.last_round
         nxt = -1 if last is None else last + 1
-        log.info("model of job %s loaded from %s%s", m.job_id, source, "" if last is None else f" (round {last})")
-        self.bus.publish(self.bus.names.events, RK_MODEL_LOADED, ModelLoaded(m.job_id, source, DXO(WEIGHTS, weights), nxt),
+        log.info("model of job %s loaded from %s%s", m.job_id, loaded.source,
+                 "" if last is None else f" (round {last})")
+        self.bus.publish(self.bus.names.events, RK_MODEL_LOADED,
+                         ModelLoaded(m.job_id, loaded.source, DXO(WEIGHTS, loaded.weights), nxt),
                          headers={"job_id": m.job_id})
 
     def on_save(self, m: ModelSave) -> None:
@@ -137,10 +164,10 @@ class PersistorService:
 
     def _save(self, job_id: str, rnd: int, dxo: DXO, model_dir: str, model_name: str,
               history: list[dict[str, Any]], final: bool, how: str = "model.save") -> None:
-        self.targets[job_id] = (model_dir, model_name)
-        path = self.store.save(job_id, rnd, dict(dxo.data), model_dir, model_name)
+        p = self._locate(job_id, model_dir, model_name)
+        path = p.save(rnd, dict(dxo.data))
         if history:
-            self.store.merge_history(job_id, history)
+            p.merge_history(history)
         log.info("saved model of job %s round %d to %s (%s)", job_id, rnd, path, how)
         self._saved(job_id, rnd, str(path), final)
 
@@ -155,7 +182,7 @@ class PersistorService:
                          headers={"job_id": job_id, "round": rnd})
 
     def _done_already(self, job_id: str, rnd: int) -> bool:
-        last = self.store.last_round(job_id)
+        last = self.persistor(job_id).last_round()
         return last is not None and rnd <= last
 
     def on_aggregate(self, d: Delivery, m: RoundAggregated) -> None:
@@ -187,7 +214,7 @@ class PersistorService:
         """Save the held aggregate of the round as its global model (or wait for it to come)."""
         if self._done_already(m.job_id, m.round):
             # saved before this redelivery: confirm again
-            self._saved(m.job_id, m.round, str(self.store.job_dir(m.job_id) / m.model_dir / m.model_name), True)
+            self._saved(m.job_id, m.round, str(self.persistor(m.job_id).job_dir / m.model_dir / m.model_name), True)
             return
         a = self.aggregates.get(m.job_id)
         if a is not None and (a.msg.round, a.msg.task_id) == (m.round, m.task_id):
@@ -214,7 +241,7 @@ class PersistorService:
         del self.aggregates[job]
         target = self.targets.get(job)
         if target is None:  # a restarted persistor: the file the job's last save went to
-            last = self.store.last_saved(job)
+            last = self.persistor(job).last_saved()
             target = None if last is None else (last[1], last[2])
         if target is None:
             log.warning("round %d of job %s was committed by the next round's aggregate, but no model.load or save "
@@ -239,7 +266,8 @@ class PersistorService:
             return
         job_id = str(req.args.get("job_id", ""))
         try:
-            files = self.store.files(job_id)
+            p = self.persistors.get(job_id) or NPModelPersistor(self.root / check_name("job id", job_id))
+            files = p.files()
         except SagmqError as e:
             self.bus.reply(d, AdminReply(False, error=str(e)))
             return

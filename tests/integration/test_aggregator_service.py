@@ -6,7 +6,7 @@ import pickle
 import time
 from collections.abc import Iterator
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import pika
 import pytest
@@ -151,7 +151,7 @@ def _spoof_and_oversize(settings: Settings, svc: AggregatorService) -> None:
         reasons.append(p.headers["x-sagmq-reason"])
     assert "exceeds the limit of 65536" in reasons[0], reasons
     assert "spoofed sender: user 'guest' sent a result for site 'site-1'" in reasons[1], reasons
-    assert svc.open["job2"].acc.accepted == []
+    assert svc.open["job2"].aggregator.accepted == []
     test.close()
 
 
@@ -184,6 +184,7 @@ def test_a_refused_aggregate_is_sent_again_later_with_its_inputs_held(settings: 
             if method is not None and props.type == RoundAggregated.TYPE:
                 agg = decode(RoundAggregated, body, 2**20)
             time.sleep(0.02)
+        assert agg.dxo is not None
         np.testing.assert_array_equal(agg.dxo.data["w"], np.full(SHAPE, 4.0, np.float32))
         time.sleep(0.3)
     # the aggregator is gone: had it not acked the inputs after the confirm, they would be back

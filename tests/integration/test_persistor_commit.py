@@ -59,7 +59,11 @@ class Driver:
                                      final=final))
 
     def wait_saved(self, n: int) -> list[ModelSaved]:
-        wait_for(lambda: self.bus.process(0.05) or len(self.saved) >= n, 20, f"{n} model.saved")
+        def saved() -> bool:
+            self.bus.process(0.05)
+            return len(self.saved) >= n
+
+        wait_for(saved, 20, f"{n} model.saved")
         return self.saved
 
     def queue_count(self, queue: str) -> int:
@@ -79,7 +83,8 @@ def driver(fast: Settings) -> Iterator[Driver]:
 
 
 def model_file(settings: Settings) -> np.ndarray:
-    return np.load(settings.workspace / "persistor" / "jobs" / JOB / "models" / "server.npy")
+    model: np.ndarray = np.load(settings.workspace / "persistor" / "jobs" / JOB / "models" / "server.npy")
+    return model
 
 
 def values(x: float) -> np.ndarray:
@@ -184,7 +189,8 @@ def test_saves_in_a_burst_are_confirmed_once_a_second_and_the_final_one_at_once(
 
 
 def snapshot(settings: Settings, rnd: int) -> np.ndarray:
-    return np.load(settings.workspace / "persistor" / "jobs" / JOB / "models" / f"round-{rnd}.npy")
+    model: np.ndarray = np.load(settings.workspace / "persistor" / "jobs" / JOB / "models" / f"round-{rnd}.npy")
+    return model
 
 
 def test_an_aggregate_built_on_the_held_one_commits_it(fast: Settings, driver: Driver) -> None:
@@ -195,11 +201,11 @@ def test_an_aggregate_built_on_the_held_one_commits_it(fast: Settings, driver: D
         driver.wait_saved(1)
         driver.aggregate(1, "t1", values(1.5))  # the server sent no commit for round 1: ...
         driver.aggregate(2, "t2", values(2.5), commits="t1")  # ... round 2 was opened on it
-        wait_for(lambda: svc.store.last_round(JOB) == 1, 10, "round 1 to be saved")
+        wait_for(lambda: svc.persistor(JOB).last_round() == 1, 10, "round 1 to be saved")
         np.testing.assert_array_equal(snapshot(small, 1), values(1.5))
         driver.aggregate(3, "t3", values(3.5), commits="some-other-task")  # not what is held: not saved
         wait_for(lambda: JOB in svc.aggregates and svc.aggregates[JOB].msg.round == 3, 10, "round 3 held")
-        assert svc.store.last_round(JOB) == 1
+        assert svc.persistor(JOB).last_round() == 1
         assert not (small.workspace / "persistor" / "jobs" / JOB / "models" / "round-2.npy").exists()
         driver.commit(3, "t3", final=True)
         saved = driver.wait_saved(2)
@@ -220,7 +226,7 @@ def test_a_restarted_persistor_commits_to_where_the_job_was_saved(fast: Settings
     with persistor(small) as svc:
         wait_for(lambda: JOB in svc.aggregates, 10, "round 1 held again")
         driver.aggregate(2, "t2", values(2.5), commits="t1")
-        wait_for(lambda: svc.store.last_round(JOB) == 1, 10, "round 1 to be saved")
+        wait_for(lambda: svc.persistor(JOB).last_round() == 1, 10, "round 1 to be saved")
         folder = small.workspace / "persistor" / "jobs" / JOB / "elsewhere"
         np.testing.assert_array_equal(np.load(folder / "m.npy"), values(1.5))
         assert (folder / "round-1.npy").samefile(folder / "m.npy")

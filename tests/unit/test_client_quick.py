@@ -14,7 +14,7 @@ import pytest
 from sagmq.client.api import DXO, WEIGHTS, Executor, TaskContext
 from sagmq.client.apps import App
 from sagmq.client.main import ClientService
-from sagmq.client.trainer import QUICK_BYTES, NPTrainer
+from sagmq.client.np_trainer import QUICK_BYTES, NPTrainer
 from sagmq.wire.messages import TaskResult, TrainTask
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import Names

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ from sagmq.job.spec import (
     PersistorConfig,
     SAGConfig,
     app_for_site,
+    component_name,
     parse_client_config,
     parse_job,
     read_job_folder,
@@ -47,11 +50,13 @@ def edit(files: Files, name: str, fn: Callable[[dict[str, Any]], None]) -> Files
 
 
 def sag_args(cfg: dict[str, Any]) -> dict[str, Any]:
-    return cfg["workflows"][0]["args"]
+    args: dict[str, Any] = cfg["workflows"][0]["args"]
+    return args
 
 
 def comp(cfg: dict[str, Any], cid: str) -> dict[str, Any]:
-    return next(c for c in cfg["components"] if c["id"] == cid)
+    found: dict[str, Any] = next(c for c in cfg["components"] if c["id"] == cid)
+    return found
 
 
 # --- the real jobs ---------------------------------------------------------------------------
@@ -143,8 +148,30 @@ def with_path(files: Files, canon: str, path: str) -> Files:
     return edit(files, SFILE, lambda c: comp(c, cid).update(path=path))
 
 
-@pytest.mark.parametrize(("path", "canon"), sorted(ALIASES.items()))
-def test_every_alias_resolves(path: str, canon: str) -> None:
+SAGMQ_PATHS = {
+    SAG: "sagmq.server.scatter_and_gather.ScatterAndGather",
+    AGGREGATOR: "sagmq.aggregator.intime_accumulate_weighted_aggregator.InTimeAccumulateWeightedAggregator",
+    GENERATOR: "sagmq.server.full_model_shareable_generator.FullModelShareableGenerator",
+    PERSISTOR: "sagmq.persistor.np_model_persistor.NPModelPersistor",
+    TRAINER: "sagmq.client.np_trainer.NPTrainer",
+}
+
+NVFLARE_PATHS = {
+    "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather": SAG,
+    "nvflare.app_common.workflows.ScatterAndGather": SAG,
+    "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator": AGGREGATOR,
+    "nvflare.app_common.aggregators.InTimeAccumulateWeightedAggregator": AGGREGATOR,
+    "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator": GENERATOR,
+    "nvflare.app_common.shareablegenerators.FullModelShareableGenerator": GENERATOR,
+    "nvflare.app_common.np.np_model_persistor.NPModelPersistor": PERSISTOR,
+    "nvflare.app_common.np.np_trainer.NPTrainer": TRAINER,
+}
+
+
+@pytest.mark.parametrize(("path", "target"), sorted(ALIASES.items()))
+def test_every_alias_resolves(path: str, target: str) -> None:
+    canon = target.rsplit(".", 1)[1]
+    assert component_name(path) == canon
     spec = parse_job(with_path(hello_files(), canon, path))
     assert spec.sag.num_rounds == 3
     if canon == TRAINER:
@@ -153,26 +180,25 @@ def test_every_alias_resolves(path: str, canon: str) -> None:
 
 
 def test_aliases_cover_nvflare_sagmq_and_bare_names() -> None:
-    for canon, sagmq_path in [
-        (SAG, "sagmq.server.workflow.ScatterAndGather"),
-        (AGGREGATOR, "sagmq.aggregator.accumulator.InTimeAccumulateWeightedAggregator"),
-        (GENERATOR, "sagmq.server.generator.FullModelShareableGenerator"),
-        (PERSISTOR, "sagmq.persistor.store.NPModelPersistor"),
-        (TRAINER, "sagmq.client.trainer.NPTrainer"),
-    ]:
-        assert ALIASES[sagmq_path] == canon
-        assert ALIASES[canon] == canon
-    assert ALIASES["nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather"] == SAG
-    assert ALIASES["nvflare.app_common.np.np_trainer.NPTrainer"] == TRAINER
+    for canon, sagmq_path in SAGMQ_PATHS.items():
+        assert ALIASES[sagmq_path] == sagmq_path
+        assert ALIASES[canon] == sagmq_path
+    for nvflare_path, canon in NVFLARE_PATHS.items():
+        assert ALIASES[nvflare_path] == SAGMQ_PATHS[canon]
+    assert len(ALIASES) == len(NVFLARE_PATHS) + 2 * len(SAGMQ_PATHS)  # nothing else, no old services.* path
+
+
+@pytest.mark.parametrize("target", sorted(set(ALIASES.values())))
+def test_every_alias_names_a_class_that_exists(target: str) -> None:
+    module_name, cls_name = target.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    assert inspect.isclass(cls) and cls.__name__ == cls_name
 
 
 def test_sagmq_own_paths_all_at_once() -> None:
     files = hello_files()
-    files = with_path(files, SAG, "sagmq.server.workflow.ScatterAndGather")
-    files = with_path(files, AGGREGATOR, "sagmq.aggregator.accumulator.InTimeAccumulateWeightedAggregator")
-    files = with_path(files, GENERATOR, "sagmq.server.generator.FullModelShareableGenerator")
-    files = with_path(files, PERSISTOR, "sagmq.persistor.store.NPModelPersistor")
-    files = with_path(files, TRAINER, "sagmq.client.trainer.NPTrainer")
+    for canon, path in SAGMQ_PATHS.items():
+        files = with_path(files, canon, path)
     spec = parse_job(files)
     assert spec.aggregator.expected_data_kind == WEIGHTS
 

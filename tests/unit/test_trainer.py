@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sagmq.client.api import RC_BAD_TASK_DATA, RC_TASK_UNKNOWN, TaskContext, TaskError
-from sagmq.client.trainer import BACKGROUND_SAVE_BYTES, NPTrainer
+from sagmq.client.np_trainer import BACKGROUND_SAVE_BYTES, NPTrainer
 from sagmq.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS
 
 

@@ -1,14 +1,21 @@
-"""InTimeAccumulateWeightedAggregator's math, checks and memory, with no broker."""
+"""InTimeAccumulateWeightedAggregator: its math, checks and memory, whole and streamed, with no broker."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 
-from sagmq.aggregator.accumulator import NUM_STEPS, Accumulator, VarSpec
-from sagmq.job.spec import AggregatorConfig
-from sagmq.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS
-from sagmq.wire.errors import Rejected
+from sagmq.aggregator.intime_accumulate_weighted_aggregator import (
+    NUM_STEPS,
+    InTimeAccumulateWeightedAggregator,
+    VarSpec,
+    read_stream_header,
+)
+from sagmq.wire.blob import H_PARTS, H_SIZE, Part, split
+from sagmq.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS, encode_dxo, unpack
+from sagmq.wire.errors import DecodeError, Rejected
 from sagmq.wire.messages import RC_EXECUTION_EXCEPTION, RC_OK
 
 SITES = ("a", "b", "c")
@@ -17,9 +24,10 @@ STEPS = {"a": 1, "b": 3, "c": 2}
 
 
 def make(kind: str = WEIGHT_DIFF, targets: tuple[str, ...] = SITES, spec: dict[str, VarSpec] | None = None,
-         weights: dict[str, float] | None = None, exclude: str = "", by_iter: bool = True) -> Accumulator:
-    cfg = AggregatorConfig(kind, dict(AGG_W if weights is None else weights), exclude, by_iter)
-    return Accumulator(cfg, frozenset(targets), {} if spec is None else spec)
+         weights: dict[str, float] | None = None, exclude: str = "",
+         by_iter: bool = True) -> InTimeAccumulateWeightedAggregator:
+    return InTimeAccumulateWeightedAggregator(kind, AGG_W if weights is None else weights, exclude, by_iter,
+                                              targets=targets, spec=spec)
 
 
 def spec_of(model: dict[str, np.ndarray]) -> dict[str, VarSpec]:
@@ -42,7 +50,7 @@ def test_weighted_average_of_three_sites(kind: str) -> None:
     acc = make(kind, spec=spec_of(model))
     for s in SITES:
         acc.accept(s, RC_OK, dxo(kind, data[s], STEPS[s]))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     assert out.kind == kind
     assert acc.accepted == list(SITES)
@@ -61,7 +69,7 @@ def test_fixed_vectors_against_float64_hand_computation() -> None:
     # weights: a 1*1=1, b 2*3=6, c 0.5*2=1; total 8
     want = [(1 * vecs["a"][i] + 6 * vecs["b"][i] + 1 * vecs["c"][i]) / 8.0 for i in range(4)]
     assert want == [57 / 8, 122 / 8, 187 / 8, 252 / 8] == [7.125, 15.25, 23.375, 31.5]
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     np.testing.assert_allclose(out.data["x"], np.array(want, np.float64), rtol=1e-6)
     assert acc.weights["x"] == 8.0
@@ -71,7 +79,7 @@ def test_default_weight_is_one_and_default_steps_is_one() -> None:
     acc = make(WEIGHTS, targets=("p", "q"), weights={}, spec={"x": VarSpec("<f8", (2,))})
     acc.accept("p", RC_OK, dxo(WEIGHTS, {"x": np.array([0.0, 10.0])}))
     acc.accept("q", RC_OK, dxo(WEIGHTS, {"x": np.array([2.0, 20.0])}))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     np.testing.assert_array_equal(out.data["x"], [1.0, 15.0])
 
@@ -82,7 +90,7 @@ def test_hello_numpy_sag_two_sites_give_exactly_the_same_model() -> None:
                spec={"numpy_key": VarSpec("<f4", (3, 3))})
     for s in ("site-1", "site-2"):
         acc.accept(s, RC_OK, dxo(WEIGHTS, {"numpy_key": trained.copy()}, 1))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     assert out.data["numpy_key"].dtype == np.float32
     np.testing.assert_array_equal(out.data["numpy_key"], trained)
@@ -94,7 +102,7 @@ def test_per_variable_denominators_when_a_site_omits_a_variable() -> None:
     acc = make(WEIGHT_DIFF, targets=("a", "b"), spec=spec)
     acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([1.0, 1.0]), "y": np.array([3.0, 6.0])}, 1))  # w 1
     acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([4.0, 7.0])}, 1))  # w 2
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     np.testing.assert_allclose(out.data["x"], [(1 + 2 * 4) / 3, (1 + 2 * 7) / 3])
     np.testing.assert_allclose(out.data["y"], [3.0, 6.0])  # only a's weight in y's denominator
@@ -107,7 +115,7 @@ def test_exclude_vars_skips_matching_variables() -> None:
     for s, v in (("a", 1.0), ("b", 3.0)):
         acc.accept(s, RC_OK, dxo(WEIGHT_DIFF, {"conv.weight": np.full(2, v, np.float32),
                                                "bn.running_mean": np.full(2, np.float32(100.0))}, 1))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     assert set(out.data) == {"conv.weight"}
     assert "bn.running_mean" not in acc.sums
@@ -126,7 +134,7 @@ def test_weigh_by_local_iter_false_sums_unweighted_but_divides_by_weights() -> N
                spec={"x": VarSpec("<f8", (1,))}, by_iter=False)
     acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([2.0])}, 1))
     acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([4.0])}, 1))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     np.testing.assert_allclose(out.data["x"], [(2 + 4) / (1 + 100)], rtol=1e-12)
 
@@ -135,7 +143,7 @@ def test_zero_steps_contribution_is_accepted_but_weighs_nothing() -> None:
     acc = make(WEIGHT_DIFF, targets=("a", "b"), spec={"x": VarSpec("<f8", (1,))})
     acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([2.0])}, 0))
     acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([5.0])}, 1))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     np.testing.assert_allclose(out.data["x"], [5.0])
 
@@ -144,7 +152,7 @@ def test_float_steps_are_allowed() -> None:
     acc = make(WEIGHT_DIFF, targets=("a", "b"), weights={}, spec={"x": VarSpec("<f8", (1,))})
     acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([1.0])}, 0.5))
     acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.array([4.0])}, 1.5))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     np.testing.assert_allclose(out.data["x"], [(0.5 + 6.0) / 2.0])
 
@@ -154,7 +162,7 @@ def test_integer_contributions_to_an_integer_model_are_averaged_in_float() -> No
     acc.accept("a", RC_OK, dxo(WEIGHTS, {"n": np.array([1, 2], np.int64)}, 1))
     acc.accept("b", RC_OK, dxo(WEIGHTS, {"n": np.array([4, 6], np.int64)}, 1))
     assert acc.sums["n"].dtype == np.float64
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     assert out.data["n"].dtype == np.int64
     np.testing.assert_array_equal(out.data["n"], [2, 4])
@@ -328,12 +336,12 @@ def test_sums_are_updated_in_place() -> None:
 
 def test_result_is_none_when_nothing_was_accepted() -> None:
     acc = make(spec=X_SPEC)
-    assert acc.result() is None
+    assert acc.aggregate() is None
     with pytest.raises(Rejected):
         acc.accept("a", RC_EXECUTION_EXCEPTION, None)
     with pytest.raises(Rejected):
         acc.accept("zz", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
-    assert acc.result() is None
+    assert acc.aggregate() is None
 
 
 def test_result_keeps_the_spec_dtype_float32() -> None:
@@ -341,7 +349,7 @@ def test_result_keeps_the_spec_dtype_float32() -> None:
     acc.accept("a", RC_OK, dxo(WEIGHTS, ok_data(), 1))
     # a float64 contribution to a float32 model still gives float32
     acc.accept("b", RC_OK, dxo(WEIGHTS, {"x": np.full(3, 2.0), "y": np.full(2, 2.0)}, 1))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     for k in X_SPEC:
         assert out.data[k].dtype == np.float32
@@ -352,7 +360,7 @@ def test_result_keeps_the_spec_dtype_float32() -> None:
 def test_result_keeps_the_spec_dtype_float64() -> None:
     acc = make(WEIGHTS, spec={"x": VarSpec("<f8", (2,))})
     acc.accept("a", RC_OK, dxo(WEIGHTS, {"x": np.array([1.0, 2.0], np.float32)}, 1))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     assert out.data["x"].dtype == np.float64
 
@@ -361,6 +369,139 @@ def test_result_meta_lists_accepted_sites_in_order() -> None:
     acc = make(spec=X_SPEC)
     for s in ("c", "a"):
         acc.accept(s, RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
-    out = acc.result()
+    out = acc.aggregate()
     assert out is not None
     assert out.meta["accepted"] == ["c", "a"]
+
+
+# --- streamed contributions (add_part) ------------------------------------------------------------
+
+CHUNK = 64  # bytes per data part: a few parts per variable
+
+
+def blob_parts(data: dict[str, np.ndarray], steps: object = 1, kind: str = WEIGHT_DIFF) -> list[Part]:
+    """A contribution as the parts a site sends it in (part 0 the header, then the data parts)."""
+    return list(split({"dxo": encode_dxo(dxo(kind, data, steps))}, CHUNK, blob="b"))
+
+
+def begin(acc: InTimeAccumulateWeightedAggregator, site: str, parts: list[Part], blob: str = "b") -> bool:
+    """Open a stream from its header part; True if that alone completed it."""
+    h = parts[0].headers
+    header = read_stream_header(unpack(parts[0].body, 2**20)["dxo"], h[H_PARTS], h[H_SIZE])
+    return acc.begin_stream(blob, site, RC_OK, header).complete
+
+
+def stream_data() -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    return {s: {"x": rng.normal(size=30).astype(np.float32), "y": rng.normal(size=(5, 4)).astype(np.float32)}
+            for s in ("a", "b")}
+
+
+STREAM_SPEC = {"x": VarSpec("<f4", (30,)), "y": VarSpec("<f4", (5, 4))}
+
+
+def test_a_streamed_contribution_in_any_order_equals_a_whole_one() -> None:
+    data = stream_data()
+    whole, streamed = make(spec=STREAM_SPEC, targets=("a", "b")), make(spec=STREAM_SPEC, targets=("a", "b"))
+    for s in ("a", "b"):
+        whole.accept(s, RC_OK, dxo(WEIGHT_DIFF, data[s], STEPS[s]))
+    for s in ("a", "b"):
+        parts = blob_parts(data[s], STEPS[s])
+        assert len(parts) > 4
+        assert not begin(streamed, s, parts, blob=s)
+        order = list(range(1, len(parts)))[::-1] if s == "a" else [*range(2, len(parts)), 1]
+        done = [streamed.add_part(s, i, parts[i].headers, parts[i].body).complete for i in order]
+        assert done == [False] * (len(order) - 1) + [True]
+        assert not streamed.streaming(s)
+    assert streamed.accepted == ["a", "b"]
+    a, b = whole.aggregate(), streamed.aggregate()
+    assert a is not None and b is not None
+    for k in STREAM_SPEC:
+        np.testing.assert_allclose(b.data[k], a.data[k], rtol=1e-6)
+
+
+def test_a_duplicate_part_is_ignored() -> None:
+    parts = blob_parts({"x": np.full(30, 2.0, np.float32), "y": np.ones((5, 4), np.float32)})
+    acc = make(WEIGHT_DIFF, targets=("a",), spec=STREAM_SPEC)
+    begin(acc, "a", parts)
+    assert acc.add_part("b", 1, parts[1].headers, parts[1].body).duplicate is False
+    again = acc.add_part("b", 1, parts[1].headers, parts[1].body)
+    assert again.duplicate and not again.complete
+    assert acc.add_part("b", 0, parts[0].headers, parts[0].body).duplicate  # the header again
+    for i in range(2, len(parts)):
+        last = acc.add_part("b", i, parts[i].headers, parts[i].body)
+    assert last.complete
+    out = acc.aggregate()
+    assert out is not None
+    np.testing.assert_array_equal(out.data["x"], np.full(30, 2.0, np.float32))  # added once, not twice
+
+
+def test_a_bad_checksum_refuses_the_stream_and_spoils_the_sums_once_values_were_added() -> None:
+    parts = blob_parts({"x": np.ones(30, np.float32), "y": np.ones((5, 4), np.float32)})
+    acc = make(targets=("a",), spec=STREAM_SPEC)
+    begin(acc, "a", parts)
+    acc.add_part("b", 1, parts[1].headers, parts[1].body)
+    bad = parts[2].body[:-1] + bytes([parts[2].body[-1] ^ 1])
+    with pytest.raises(Rejected, match="checksum mismatch"):
+        acc.add_part("b", 2, parts[2].headers, bad)
+    assert not acc.streaming("b") and acc.spoiled and acc.accepted == []
+
+
+def test_a_bad_first_data_part_refuses_the_stream_without_spoiling() -> None:
+    parts = blob_parts({"x": np.full(30, np.nan, np.float32), "y": np.ones((5, 4), np.float32)})
+    acc = make(targets=("a",), spec=STREAM_SPEC)
+    begin(acc, "a", parts)
+    with pytest.raises(Rejected, match="NaN or Inf"):
+        acc.add_part("b", 1, parts[1].headers, parts[1].body)
+    assert not acc.streaming("b") and not acc.spoiled
+    assert acc.drop_stream("b") is False  # already gone
+
+
+def test_a_stream_header_is_checked_like_a_whole_contribution() -> None:
+    acc = make(WEIGHTS, targets=("a",), spec=STREAM_SPEC)
+    with pytest.raises(Rejected, match="expected data kind WEIGHTS"):
+        begin(acc, "a", blob_parts({"x": np.ones(30, np.float32)}))
+    with pytest.raises(Rejected, match="not a target"):
+        begin(acc, "zz", blob_parts({"x": np.ones(30, np.float32)}, kind=WEIGHTS))
+    assert not acc.streaming("b")
+
+
+def test_a_site_streaming_a_result_cannot_send_another() -> None:
+    acc = make(targets=("a",), spec=STREAM_SPEC)
+    begin(acc, "a", blob_parts({"x": np.ones(30, np.float32)}), blob="one")
+    with pytest.raises(Rejected, match="already sending"):
+        acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"x": np.ones(30, np.float32)}, 1))
+    with pytest.raises(Rejected, match="already sending"):
+        begin(acc, "a", blob_parts({"x": np.ones(30, np.float32)}), blob="two")
+
+
+def test_a_stream_with_no_part_for_the_timeout_is_stale() -> None:
+    parts = blob_parts({"x": np.ones(30, np.float32), "y": np.ones((5, 4), np.float32)})
+    acc = make(targets=("a",), spec=STREAM_SPEC)
+    begin(acc, "a", parts)
+    acc.add_part("b", 2, parts[2].headers, parts[2].body)
+    now = time.monotonic()
+    assert acc.stale_streams(now, 30.0) == {}
+    stale = acc.stale_streams(now + 31.0, 30.0)
+    assert list(stale) == ["b"]
+    assert len(parts) == 5  # the header and 200 bytes in 64-byte parts
+    assert stale["b"] == "parts [1, 3, 4] of 5 missing after 30 s"
+
+
+def test_a_malformed_stream_header_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError, match="kind, data and meta"):
+        read_stream_header({"kind": WEIGHTS, "data": {}}, 2, 8)
+    with pytest.raises(DecodeError, match="does not fit"):
+        read_stream_header({"kind": WEIGHTS, "meta": {},
+                            "data": {"x": {"dtype": "<f4", "shape": [3], "blob": [0, 12]}}}, 2, 8)
+
+
+def test_streaming_memory_is_one_model() -> None:
+    acc = make(targets=tuple(f"s{i}" for i in range(20)), weights={}, spec=STREAM_SPEC)
+    for i in range(20):
+        parts = blob_parts({"x": np.ones(30, np.float32), "y": np.ones((5, 4), np.float32)})
+        begin(acc, f"s{i}", parts, blob=f"b{i}")
+        for j in range(1, len(parts)):
+            acc.add_part(f"b{i}", j, parts[j].headers, parts[j].body)
+    assert sum(a.nbytes for a in acc.sums.values()) == 30 * 4 + 20 * 4
+    assert len(acc.accepted) == 20

@@ -1,4 +1,4 @@
-"""NPTrainer as NVFlare defines it: add delta to every weight, report one step."""
+"""NPTrainer as NVFlare defines it (nvflare.app_common.np.np_trainer): add delta to every weight, report one step."""
 
 from __future__ import annotations
 

@@ -1,0 +1,209 @@
+"""NPModelPersistor: one job's numpy model on disk, with a snapshot per round and the job's history.
+
+NVFlare's component of that name, for one job, in its folder of the persistor's workspace.
+Every file is written to a temporary name, fsynced and renamed, so a reader never sees a
+half-written model::
+
+    jobs/<job_id>/<model_dir>/<model_name>     the latest global model (models/server.npy)
+    jobs/<job_id>/<model_dir>/round-<r>.npy    the global model after round r
+    jobs/<job_id>/meta.json, history.json      the job's meta and round history
+
+A round's snapshot is a hard link to the file the model was written as, so the last saved
+round is the snapshot that is still the same file as the model: no progress file to write
+(and fsync) each round, and no moment at which the two could disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from sagmq.storage.files import atomic_write, atomic_write_with, write_npy
+from sagmq.wire.errors import SagmqError
+
+NUMPY_KEY = "numpy_key"
+DEFAULT_MODEL = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+HISTORY_EVERY_S = 1.0  # history.json is rewritten at most this often while a job runs (and at its end)
+SNAPSHOT = re.compile(r"round-(\d+)\.np[yz]")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A job's starting model and where it came from (saved, checkpoint, config or default)."""
+
+    weights: dict[str, np.ndarray]
+    source: str
+    last_round: int | None  # the round it was saved after, for a saved model
+
+
+def write_model(f: BinaryIO, weights: dict[str, np.ndarray], npz: bool) -> None:
+    """A model as .npy (one variable) or .npz (several), straight from the arrays; never pickled."""
+    if npz:
+        arrays: dict[str, Any] = dict(weights)  # (numpy's stubs would read a variable as allow_pickle)
+        np.savez(f, **arrays)
+    else:
+        (arr,) = weights.values()
+        write_npy(f, arr)
+
+
+def read_model(path: Path) -> dict[str, np.ndarray]:
+    """A .npy (as numpy_key) or .npz model, never unpickled."""
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
+    return {NUMPY_KEY: loaded}
+
+
+class NPModelPersistor:
+    """One job's model files, with NVFlare's arguments (model_dir and model_name say where the model is
+    saved; model, or source_ckpt_file_full_name, what it starts from when nothing is saved yet)."""
+
+    def __init__(
+        self,
+        job_dir: Path,
+        model_dir: str = "models",
+        model_name: str = "server.npy",
+        model: list[Any] | None = None,
+        source_ckpt_file_full_name: str = "",
+    ) -> None:
+        self.job_dir = job_dir
+        self.model_dir = model_dir
+        self.model_name = model_name
+        self.model = model
+        self.source_ckpt_file_full_name = source_ckpt_file_full_name
+        self._last: tuple[int, str, str] | None = None
+        self._last_known = False  # _last was found on disk (once) or set by a save
+        self._history: dict[Any, dict[str, Any]] | None = None  # history.json in memory, by round
+        self._history_written = -HISTORY_EVERY_S
+        self._dirty = False
+
+    @property
+    def model_path(self) -> Path:
+        return self.job_dir / self.model_dir / self.model_name
+
+    # --- the model --------------------------------------------------------------------------
+
+    def last_round(self) -> int | None:
+        """The last round saved for the job, if any."""
+        last = self.last_saved()
+        return None if last is None else last[0]
+
+    def last_saved(self) -> tuple[int, str, str] | None:
+        """(round, model_dir, model_name) of the job's last save, if any: its snapshot is the file
+        the model name still points at (a crash between linking a new snapshot and renaming the
+        model over the old one leaves the old pair, which is what was saved)."""
+        if not self._last_known:
+            self._last, self._last_known = _find_last(self.job_dir), True
+        return self._last
+
+    def load(self) -> LoadedModel:
+        """The job's saved model if any; else the source checkpoint, the configured list, or NVFlare's default."""
+        last = self.last_round()
+        if self.model_path.exists() and last is not None:
+            return LoadedModel(read_model(self.model_path), "saved", last)
+        if self.source_ckpt_file_full_name:
+            src = Path(self.source_ckpt_file_full_name)
+            if not src.is_file():
+                raise SagmqError(f"source_ckpt_file_full_name {self.source_ckpt_file_full_name!r} "
+                                 f"does not exist on the persistor")
+            return LoadedModel(read_model(src), "checkpoint", None)
+        if self.model is not None:
+            try:
+                arr = np.asarray(self.model, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise SagmqError(f"NPModelPersistor model is not numeric: {e}") from e
+            return LoadedModel({NUMPY_KEY: arr}, "config", None)
+        return LoadedModel({NUMPY_KEY: np.array(DEFAULT_MODEL, dtype=np.float32)}, "default", None)
+
+    def save(self, rnd: int, weights: dict[str, np.ndarray]) -> Path:
+        """Save a round's model: one durable write, as the model file and its round's snapshot."""
+        npz = not (len(weights) == 1 and NUMPY_KEY in weights)
+        path = self.model_path
+        ext = ".npz" if npz else ".npy"
+        atomic_write_with(path, lambda f: write_model(f, weights, npz), also=path.parent / f"round-{rnd}{ext}")
+        self._last, self._last_known = (rnd, self.model_dir, self.model_name), True
+        return path
+
+    # --- meta and history -------------------------------------------------------------------
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """meta.json or history.json of the job."""
+        atomic_write(self.job_dir / name, json.dumps(obj, indent=2, default=str).encode())
+
+    def merge_history(self, records: list[dict[str, Any]]) -> None:
+        """Merge round records into the job's history (a record replaces the one of the same round).
+        history.json is rewritten at once if it was not in the last HISTORY_EVERY_S, else by
+        flush_history: a job of many short rounds does not rewrite a growing file every round."""
+        by_round = self._history
+        if by_round is None:
+            by_round = self._history = {h.get("round"): h for h in self._read_history()}
+        for h in records:
+            by_round[h.get("round")] = h
+        self._dirty = True
+        if time.monotonic() - self._history_written >= HISTORY_EVERY_S:
+            self.flush_history()
+
+    def _read_history(self) -> list[dict[str, Any]]:
+        path = self.job_dir / "history.json"
+        try:
+            old = json.loads(path.read_text()) if path.exists() else []
+        except (OSError, ValueError):
+            old = []  # a damaged file is rewritten from what comes next (the job's end sends it whole)
+        return [h for h in old if isinstance(h, dict)] if isinstance(old, list) else []
+
+    def replace_history(self, records: list[dict[str, Any]]) -> None:
+        """The job's whole history (sent with its end): written at once."""
+        self._history = {h.get("round"): h for h in records if isinstance(h, dict)}
+        self._dirty = True
+        self.flush_history()
+
+    def flush_history(self) -> None:
+        """Write history.json if records came since it was written."""
+        if not self._dirty or self._history is None:
+            return
+        self._dirty = False
+        merged = sorted(self._history.values(), key=lambda h: (h.get("round") is None, h.get("round") or 0))
+        self.write_json("history.json", merged)
+        self._history_written = time.monotonic()
+
+    def files(self) -> dict[str, bytes]:
+        """Every file of the job, for download."""
+        self.flush_history()
+        if not self.job_dir.is_dir():
+            raise SagmqError(f"the persistor has nothing for job {self.job_dir.name}")
+        return {
+            p.relative_to(self.job_dir).as_posix(): p.read_bytes()
+            for p in sorted(self.job_dir.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }
+
+
+def _find_last(root: Path) -> tuple[int, str, str] | None:
+    """The highest round whose snapshot is still the same file as a model beside it."""
+    best: tuple[int, str, str] | None = None
+    if not root.is_dir():
+        return None
+    for folder in {p.parent for p in root.rglob("round-*.np?")}:
+        models: dict[tuple[int, int], str] = {}
+        snaps: list[tuple[int, tuple[int, int]]] = []
+        for e in os.scandir(folder):
+            if not e.is_file(follow_symlinks=False) or e.name.startswith("."):
+                continue
+            st = e.stat(follow_symlinks=False)
+            m = SNAPSHOT.fullmatch(e.name)
+            if m:
+                snaps.append((int(m.group(1)), (st.st_dev, st.st_ino)))
+            else:
+                models[(st.st_dev, st.st_ino)] = e.name
+        for rnd, ino in snaps:
+            if ino in models and (best is None or rnd > best[0]):
+                best = (rnd, folder.relative_to(root).as_posix(), models[ino])
+    return best

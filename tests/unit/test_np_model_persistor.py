@@ -1,0 +1,132 @@
+"""NPModelPersistor: where the model starts from, atomic saves with snapshots, and history.json
+merged by round and rewritten at most once a second."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import sagmq.persistor.np_model_persistor as persistor_mod
+from sagmq.persistor.np_model_persistor import DEFAULT_MODEL, NUMPY_KEY, NPModelPersistor
+from sagmq.wire.errors import SagmqError
+
+JOB = "b" * 32
+
+
+def job_dir(tmp_path: Path) -> Path:
+    return tmp_path / "persistor" / "jobs" / JOB
+
+
+def make(tmp_path: Path, model_dir: str = "models", model_name: str = "server.npy") -> NPModelPersistor:
+    return NPModelPersistor(job_dir(tmp_path), model_dir, model_name)
+
+
+def history(tmp_path: Path) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = json.loads((job_dir(tmp_path) / "history.json").read_text())
+    return records
+
+
+def test_history_is_written_at_once_then_at_most_every_second(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("sagmq.persistor.np_model_persistor.time.monotonic", lambda: now[0])
+    st = make(tmp_path)
+    st.merge_history([{"round": 0, "accepted": ["a"]}])
+    assert history(tmp_path) == [{"round": 0, "accepted": ["a"]}]  # the first one at once
+    st.merge_history([{"round": 2, "accepted": []}, {"round": 1, "accepted": ["b"]}])
+    assert [h["round"] for h in history(tmp_path)] == [0]  # within the second: kept in memory
+    st.flush_history()  # the persistor's tick
+    assert [h["round"] for h in history(tmp_path)] == [0, 1, 2]
+    st.merge_history([{"round": 1, "accepted": ["c"]}])  # a record replaces its round's
+    now[0] += persistor_mod.HISTORY_EVERY_S
+    st.merge_history([{"round": 3, "accepted": []}])  # a second later: written at once
+    assert [(h["round"], h["accepted"]) for h in history(tmp_path)] == [(0, ["a"]), (1, ["c"]), (2, []), (3, [])]
+
+
+def test_a_download_and_the_jobs_end_see_every_record(tmp_path: Path) -> None:
+    st = make(tmp_path)
+    st.save(0, {NUMPY_KEY: np.zeros(3, np.float32)})
+    st.merge_history([{"round": 0}])
+    st.merge_history([{"round": 1}])
+    assert json.loads(st.files()["history.json"]) == [{"round": 0}, {"round": 1}]
+    st.merge_history([{"round": 2}])
+    st.replace_history([{"round": 0, "final": True}])  # the job's end sends it whole
+    assert history(tmp_path) == [{"round": 0, "final": True}]
+
+
+def test_history_resumes_from_the_file_after_a_restart(tmp_path: Path) -> None:
+    make(tmp_path).replace_history([{"round": 0}, {"round": 1}])
+    st = make(tmp_path)  # a new persistor process
+    st.merge_history([{"round": 2}])
+    st.flush_history()
+    assert [h["round"] for h in history(tmp_path)] == [0, 1, 2]
+
+
+def test_last_round_follows_saves(tmp_path: Path) -> None:
+    st = make(tmp_path)
+    assert st.last_round() is None
+    st.save(4, {NUMPY_KEY: np.zeros(3, np.float32)})
+    assert st.last_round() == 4 and make(tmp_path).last_round() == 4  # cached, and on disk
+
+
+def test_the_last_save_is_the_snapshot_the_model_still_is(tmp_path: Path) -> None:
+    st = make(tmp_path, "out", "m.npy")
+    for r in (0, 1, 2):
+        st.save(r, {NUMPY_KEY: np.full(3, r, np.float32)})
+    assert make(tmp_path).last_saved() == (2, "out", "m.npy")
+    st.save(1, {NUMPY_KEY: np.full(3, 7, np.float32)})  # a resumed job ran round 1 again
+    again = make(tmp_path)
+    assert again.last_saved() == (1, "out", "m.npy")  # not the highest snapshot: round-2 is history now
+    assert not (job_dir(tmp_path) / "progress.json").exists()
+
+
+def test_a_crash_between_snapshot_and_rename_leaves_the_previous_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = make(tmp_path)
+    st.save(3, {NUMPY_KEY: np.full(3, 3, np.float32)})
+
+    def crash(src: str, dst: str) -> None:
+        raise KeyboardInterrupt  # killed after the snapshot was linked, before the model was renamed
+
+    monkeypatch.setattr("sagmq.persistor.np_model_persistor.os.replace", crash)
+    monkeypatch.setattr("sagmq.storage.files.os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        st.save(4, {NUMPY_KEY: np.full(3, 4, np.float32)})
+    monkeypatch.undo()
+    models = job_dir(tmp_path) / "models"
+    (models / ".left-by-a-crash.tmp").hardlink_to(models / "round-4.npy")  # as if the temp file had survived
+    st2 = make(tmp_path)
+    assert st2.last_saved() == (3, "models", "server.npy")
+    loaded = st2.load()
+    assert (loaded.source, loaded.last_round) == ("saved", 3) and loaded.weights[NUMPY_KEY].tolist() == [3, 3, 3]
+
+
+def test_the_starting_model_is_the_default_the_configured_list_or_a_checkpoint(tmp_path: Path) -> None:
+    default = make(tmp_path).load()
+    assert (default.source, default.last_round) == ("default", None)
+    assert default.weights[NUMPY_KEY].dtype == np.float32 and default.weights[NUMPY_KEY].tolist() == DEFAULT_MODEL
+    configured = NPModelPersistor(job_dir(tmp_path), model=[[1, 2], [3, 4]]).load()
+    assert configured.source == "config" and configured.weights[NUMPY_KEY].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    ckpt = tmp_path / "start.npz"
+    np.savez(ckpt, a=np.ones(2), b=np.zeros(3))
+    from_ckpt = NPModelPersistor(job_dir(tmp_path), model=[[9]], source_ckpt_file_full_name=str(ckpt)).load()
+    assert from_ckpt.source == "checkpoint" and set(from_ckpt.weights) == {"a", "b"}
+    with pytest.raises(SagmqError, match="does not exist"):
+        NPModelPersistor(job_dir(tmp_path), source_ckpt_file_full_name=str(tmp_path / "nope.npy")).load()
+    with pytest.raises(SagmqError, match="not numeric"):
+        NPModelPersistor(job_dir(tmp_path), model=[["x"]]).load()
+
+
+def test_a_saved_model_wins_and_several_variables_are_saved_as_npz(tmp_path: Path) -> None:
+    st = NPModelPersistor(job_dir(tmp_path), "models", "server.npz", model=[[1.0]])
+    st.save(0, {"w": np.ones(2, np.float32), "b": np.zeros(1, np.float32)})
+    assert (job_dir(tmp_path) / "models" / "round-0.npz").samefile(job_dir(tmp_path) / "models" / "server.npz")
+    loaded = NPModelPersistor(job_dir(tmp_path), "models", "server.npz", model=[[1.0]]).load()
+    assert (loaded.source, loaded.last_round) == ("saved", 0) and set(loaded.weights) == {"w", "b"}
+
+
+def test_a_job_with_nothing_has_nothing_to_download(tmp_path: Path) -> None:
+    with pytest.raises(SagmqError, match=f"nothing for job {JOB}"):
+        make(tmp_path).files()
