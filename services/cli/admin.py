@@ -20,6 +20,7 @@ class AdminClient:
         self.bus.declare(service_topology(settings.prefix))
 
     def close(self) -> None:
+        """Close the connection."""
         self.bus.close()
 
     def call(self, command: str, args: dict[str, Any] | None = None, files: dict[str, bytes] | None = None,
@@ -38,6 +39,7 @@ class AdminClient:
         return reply
 
     def submit(self, files: dict[str, bytes]) -> str:
+        """Submit a job folder's files; the new job's id."""
         return str(self.call("submit", files=files).result["job_id"])
 
     def status(self, job_id: str | None = None, history_from: int = 0) -> dict[str, Any]:

@@ -7,12 +7,14 @@ import argparse
 import json
 import os
 import pwd
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,42 +104,118 @@ def _stats(xs: list[float]) -> dict[str, float]:
             "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
 
-def run_bench(s: Settings, a: argparse.Namespace) -> int:
-    """Measure the floor, run the job, report; exit 0 only if the final model is right."""
+def _say_to(quiet: bool) -> Callable[[str], None]:
+    """The progress printer: silent when the report is JSON (stdout holds only that)."""
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, flush=True)
+    return say
+
+
+def _check_args(a: argparse.Namespace) -> np.dtype[Any]:
+    """The model's dtype, once the sizes and the dtype are known to make sense."""
     if a.clients < 1 or a.floats < 1 or a.rounds < 1:
         raise SagmqError("--clients, --floats and --rounds must be at least 1")
-    dtype = np.dtype(a.dtype)
+    dtype = np.dtype(str(a.dtype))
     if dtype.kind != "f":
         raise SagmqError("--dtype must be a float type (float16, float32, float64)")
-    s = replace(s, chunk_bytes=int(a.chunk_mb * 2**20)) if a.chunk_mb else s
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    s = replace(s, prefix=prefix)
-    work = Path(a.workspace) if a.workspace else Path(tempfile.mkdtemp(prefix="sagmq-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    nbytes = a.floats * dtype.itemsize
-    say = (lambda *x: None) if a.json else (lambda *x: print(*x, flush=True))
-    say(f"bench: {a.clients} clients x {a.floats} {dtype.name} ({nbytes / 1e6:.1f} MB), {a.rounds} rounds, "
-        f"chunk {s.chunk_bytes / 2**20:g} MiB, workspace {work}")
+    return dtype
 
-    floor: list[float] = []
-    floor_cpu: dict[str, float] = {}
-    if not a.skip_floor:
-        say("bench: measuring the broker floor ...")
-        b0, used_floor = _broker_cpu(), {}
-        floor = measure_floor(s, prefix, a.clients, nbytes, a.rounds, used_floor)
-        # (the broker's figure also holds the floor's queue setup and teardown: a little high)
-        floor_cpu = {k: 1000 * v / a.rounds for k, v in used_floor.items()}
-        floor_cpu["broker"] = 1000 * (_broker_cpu() - b0) / a.rounds
-        floor_cpu["total"] = sum(floor_cpu.values())
-        say(f"bench: floor median {median(floor):.4f} s/round")
 
-    base = (np.arange(a.floats) % 1000).astype(dtype)
-    ckpt = work / "initial.npy"
-    np.save(ckpt, base)
-    del base
-    job = write_job(work / "job", a.clients, a.rounds, ckpt)
+def _floor(s: Settings, a: argparse.Namespace, nbytes: int,
+           say: Callable[[str], None]) -> tuple[list[float], dict[str, float]]:
+    """The broker floor's seconds per round and CPU ms per round (both empty with --skip-floor)."""
+    if a.skip_floor:
+        return [], {}
+    say("bench: measuring the broker floor ...")
+    b0 = _broker_cpu()
+    used_floor: dict[str, float] = {}
+    floor = measure_floor(s, s.prefix, a.clients, nbytes, a.rounds, used_floor)
+    # (the broker's figure also holds the floor's queue setup and teardown: a little high)
+    floor_cpu = {k: 1000 * v / a.rounds for k, v in used_floor.items()}
+    floor_cpu["broker"] = 1000 * (_broker_cpu() - b0) / a.rounds
+    floor_cpu["total"] = sum(floor_cpu.values())
+    say(f"bench: floor median {median(floor):.4f} s/round")
+    return floor, floor_cpu
+
+
+@dataclass
+class _Run:
+    """What one bench job measured."""
+
+    rounds: list[float]  # seconds of each finished round
+    rss: dict[str, float]  # peak MB per process
+    used: dict[str, float]  # CPU seconds per process (and the broker) during the job
+    status_s: list[float]  # how long each status request took
+    correct: bool  # the final model is the expected one
+
+
+def _wait_sites(stack: LocalStack, admin: AdminClient, clients: int, say: Callable[[str], None]) -> None:
+    """Wait until the server sees every site alive; raise if a process dies or time runs out."""
+    t0 = time.monotonic()
+    while True:
+        dead = stack.dead()
+        if dead:
+            raise SagmqError(f"{dead[0].name} exited:\n{dead[0].tail()}")
+        try:
+            alive = sum(1 for x in admin.status()["sites"] if x["alive"])
+        except SagmqError:
+            alive = 0
+        if alive == clients:
+            break
+        if time.monotonic() - t0 > 60 + clients:
+            raise SagmqError(f"only {alive} of {clients} sites connected")
+        time.sleep(0.2)
+    say(f"bench: {clients} sites up in {time.monotonic() - t0:.1f} s; running the job ...")
+
+
+def _follow(admin: AdminClient, job_id: str, say: Callable[[str], None]) -> tuple[dict[str, Any], list[float]]:
+    """Poll the job until it ends, printing each round; its final status, and the status answer times."""
+    shown = 0
+    status_s: list[float] = []  # how long the server takes to answer, while rounds are in flight
+    while True:
+        asked = time.monotonic()
+        try:
+            st = admin.status(job_id, history_from=shown)  # only the records not shown yet
+        except SagmqError as e:  # the server can be busy for a while moving a very large model
+            say(f"bench: status not answered yet ({e})")
+            status_s.append(time.monotonic() - asked)
+            continue
+        status_s.append(time.monotonic() - asked)
+        for h in st["history"]:
+            if "done_at" not in h:
+                break
+            say(f"bench: round {h['round']} {h['done_at'] - h['started_at']:.3f} s")
+            shown += 1
+        if st["status"] in ("finished", "failed", "aborted"):
+            return admin.status(job_id), status_s  # every record
+        time.sleep(0.1)
+
+
+def _final_is_right(work: Path, job_id: str, a: argparse.Namespace, dtype: np.dtype[Any]) -> bool:
+    """The saved model is the initial one plus one per round (NPTrainer's delta), in the right dtype."""
+    final = np.load(work / "ws" / "persistor" / "jobs" / job_id / "models" / "server.npy", mmap_mode="r")
+    expected_base = (np.arange(a.floats) % 1000).astype(dtype)
+    return bool(final.dtype == dtype and final.shape == (a.floats,)
+                and np.array_equal(final, expected_base + dtype.type(a.rounds)))
+
+
+def _cleanup(admin: AdminClient, prefix: str, sites: list[str]) -> None:
+    """Delete the run's queues and exchanges (best effort)."""
+    try:
+        for site in sites:
+            admin.bus.delete(site_topology(prefix, site))
+        admin.bus.delete(service_topology(prefix))
+    except Exception as e:  # cleanup is best effort
+        print(f"bench: cleanup of prefix {prefix} failed: {e}", file=sys.stderr)
+
+
+def _run_job(s: Settings, a: argparse.Namespace, work: Path, nbytes: int, dtype: np.dtype[Any],
+             say: Callable[[str], None]) -> _Run:
+    """Start the services and the sites, run the bench job, measure it, and stop everything."""
+    job = write_job(work / "job", a.clients, a.rounds, work / "initial.npy")
     sites = [f"site-{i}" for i in range(1, a.clients + 1)]
-    env = {"SAGMQ_PREFIX": prefix, "SAGMQ_WORKSPACE": str(work / "ws"), "SAGMQ_CHUNK_BYTES": str(s.chunk_bytes),
+    env = {"SAGMQ_PREFIX": s.prefix, "SAGMQ_WORKSPACE": str(work / "ws"), "SAGMQ_CHUNK_BYTES": str(s.chunk_bytes),
            "SAGMQ_LOG_LEVEL": "INFO" if a.keep else "WARNING", "SAGMQ_HEARTBEAT_S": "2", "SAGMQ_CLIENT_TIMEOUT_S": "120",
            "SAGMQ_MAX_MODEL_BYTES": str(max(s.max_model_bytes, 2 * nbytes + 2**20))}
     stack = LocalStack(env, work / "logs")
@@ -148,69 +226,35 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
             procs[name] = stack.start(name, name)
         for site in sites:
             procs[site] = stack.start(site, "client", "--site", site)
-        t0 = time.monotonic()
-        while True:
-            dead = stack.dead()
-            if dead:
-                raise SagmqError(f"{dead[0].name} exited:\n{dead[0].tail()}")
-            try:
-                alive = sum(1 for x in admin.status()["sites"] if x["alive"])
-            except SagmqError:
-                alive = 0
-            if alive == a.clients:
-                break
-            if time.monotonic() - t0 > 60 + a.clients:
-                raise SagmqError(f"only {alive} of {a.clients} sites connected")
-            time.sleep(0.2)
-        say(f"bench: {a.clients} sites up in {time.monotonic() - t0:.1f} s; running the job ...")
+        _wait_sites(stack, admin, a.clients, say)
         cpu0 = {name: cpu_s(p.popen.pid) for name, p in procs.items()}
         cpu0["broker"] = _broker_cpu()
         job_id = admin.submit(read_job_folder(job))
-        shown = 0
-        status_s: list[float] = []  # how long the server takes to answer, while rounds are in flight
-        while True:
-            asked = time.monotonic()
-            try:
-                st = admin.status(job_id, history_from=shown)  # only the records not shown yet
-            except SagmqError as e:  # the server can be busy for a while moving a very large model
-                say(f"bench: status not answered yet ({e})")
-                status_s.append(time.monotonic() - asked)
-                continue
-            status_s.append(time.monotonic() - asked)
-            for h in st["history"]:
-                if "done_at" not in h:
-                    break
-                say(f"bench: round {h['round']} {h['done_at'] - h['started_at']:.3f} s")
-                shown += 1
-            if st["status"] in ("finished", "failed", "aborted"):
-                st = admin.status(job_id)  # every record
-                break
-            time.sleep(0.1)
+        st, status_s = _follow(admin, job_id, say)
         rss = {name: round(peak_rss_mb(p.popen.pid), 1) for name, p in procs.items()}
         used = {name: cpu_s(p.popen.pid) - cpu0[name] for name, p in procs.items()}
         used["broker"] = _broker_cpu() - cpu0["broker"]
         if st["status"] != "finished":
             raise SagmqError(f"job {st['status']}: {st['reason']}")
         rounds = [h["done_at"] - h["started_at"] for h in st["history"] if "done_at" in h]
-        final = np.load(work / "ws" / "persistor" / "jobs" / job_id / "models" / "server.npy", mmap_mode="r")
-        expected_base = (np.arange(a.floats) % 1000).astype(dtype)
-        correct = bool(final.dtype == dtype and final.shape == (a.floats,)
-                       and np.array_equal(final, expected_base + dtype.type(a.rounds)))
+        correct = _final_is_right(work, job_id, a, dtype)
     finally:
         stack.stop_all()
-        try:
-            for site in sites:
-                admin.bus.delete(site_topology(prefix, site))
-            admin.bus.delete(service_topology(prefix))
-        except Exception as e:  # cleanup is best effort
-            print(f"bench: cleanup of prefix {prefix} failed: {e}", file=sys.stderr)
+        _cleanup(admin, s.prefix, sites)
         admin.close()
+    return _Run(rounds, rss, used, status_s, correct)
+
+
+def _report(s: Settings, a: argparse.Namespace, dtype: np.dtype[Any], nbytes: int, run: _Run,
+            floor: list[float], floor_cpu: dict[str, float]) -> dict[str, Any]:
+    """The bench's figures, as printed with --json."""
+    rss, used, rounds, status_s = run.rss, run.used, run.rounds, run.status_s
     client_rss = [v for k, v in rss.items() if k.startswith("site-")]
     # CPU milliseconds per round, over the whole job (the last round's save included)
     cpu = {k: 1000 * used[k] / a.rounds for k in ("server", "aggregator", "persistor", "broker")}
     cpu["sites"] = 1000 * sum(v for k, v in used.items() if k.startswith("site-")) / a.rounds
     cpu["total"] = sum(cpu.values())
-    report: dict[str, Any] = {
+    return {
         "clients": a.clients, "floats": a.floats, "dtype": dtype.name, "model_mb": round(nbytes / 1e6, 3),
         "rounds": a.rounds, "chunk_mib": s.chunk_bytes / 2**20,
         "round_s": rounds, "round_s_median": median(rounds), "round_s_spread": _stats(rounds),
@@ -223,31 +267,53 @@ def run_bench(s: Settings, a: argparse.Namespace) -> int:
         "cpu_ms_per_round": {k: round(v, 2) for k, v in cpu.items()},
         "floor_cpu_ms_per_round": {k: round(v, 2) for k, v in floor_cpu.items()} or None,
         "cores": os.cpu_count(),
-        "correct": correct,
+        "correct": run.correct,
     }
+
+
+def _print_report(report: dict[str, Any], floor: list[float], floor_cpu: dict[str, float]) -> None:
+    """The report for a reader."""
+    sp = report["round_s_spread"]
+    print(f"round seconds: median {sp['median']:.4f} (min {sp['min']:.4f}, max {sp['max']:.4f})")
+    if floor:
+        print(f"broker floor:  median {median(floor):.4f} s/round; ratio {report['ratio']:.2f}")
+    r = report["peak_rss_mb"]
+    print(f"peak RSS MB: server {r['server']}, aggregator {r['aggregator']}, persistor {r['persistor']}, "
+          f"client max {r['client_max']} (model {report['model_mb']} MB)")
+    st_s = report["status_s"]
+    print(f"admin status answered in median {st_s['median']:.4f} s, max {st_s['max']:.4f} s "
+          f"({st_s['count']} requests during the job)")
+    c = report["cpu_ms_per_round"]
+    print(f"CPU ms per round: total {c['total']:.2f} (server {c['server']:.2f}, aggregator {c['aggregator']:.2f}, "
+          f"persistor {c['persistor']:.2f}, sites {c['sites']:.2f}, broker {c['broker']:.2f}) on "
+          f"{report['cores']} cores" + (f"; the floor's: {floor_cpu['total']:.2f}" if floor_cpu else ""))
+    print(f"final model correct: {report['correct']}")
+
+
+def run_bench(s: Settings, a: argparse.Namespace) -> int:
+    """Measure the floor, run the job, report; exit 0 only if the final model is right."""
+    dtype = _check_args(a)
+    s = replace(s, chunk_bytes=int(a.chunk_mb * 2**20)) if a.chunk_mb else s
+    s = replace(s, prefix=f"bench-{uuid.uuid4().hex[:8]}")
+    work = Path(a.workspace) if a.workspace else Path(tempfile.mkdtemp(prefix="sagmq-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    nbytes = a.floats * dtype.itemsize
+    say = _say_to(a.json)
+    say(f"bench: {a.clients} clients x {a.floats} {dtype.name} ({nbytes / 1e6:.1f} MB), {a.rounds} rounds, "
+        f"chunk {s.chunk_bytes / 2**20:g} MiB, workspace {work}")
+    floor, floor_cpu = _floor(s, a, nbytes, say)
+    base = (np.arange(a.floats) % 1000).astype(dtype)
+    np.save(work / "initial.npy", base)
+    del base
+    run = _run_job(s, a, work, nbytes, dtype, say)
+    report = _report(s, a, dtype, nbytes, run, floor, floor_cpu)
     if a.json:
         print(json.dumps(report))
     else:
-        sp = report["round_s_spread"]
-        print(f"round seconds: median {sp['median']:.4f} (min {sp['min']:.4f}, max {sp['max']:.4f})")
-        if floor:
-            print(f"broker floor:  median {median(floor):.4f} s/round; ratio {report['ratio']:.2f}")
-        r = report["peak_rss_mb"]
-        print(f"peak RSS MB: server {r['server']}, aggregator {r['aggregator']}, persistor {r['persistor']}, "
-              f"client max {r['client_max']} (model {report['model_mb']} MB)")
-        st_s = report["status_s"]
-        print(f"admin status answered in median {st_s['median']:.4f} s, max {st_s['max']:.4f} s "
-              f"({st_s['count']} requests during the job)")
-        c = report["cpu_ms_per_round"]
-        print(f"CPU ms per round: total {c['total']:.2f} (server {c['server']:.2f}, aggregator {c['aggregator']:.2f}, "
-              f"persistor {c['persistor']:.2f}, sites {c['sites']:.2f}, broker {c['broker']:.2f}) on "
-              f"{report['cores']} cores" + (f"; the floor's: {floor_cpu['total']:.2f}" if floor_cpu else ""))
-        print(f"final model correct: {correct}")
+        _print_report(report, floor, floor_cpu)
     if not a.keep:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if correct else 1
+    return 0 if run.correct else 1
 
 
 def add_parser(sub: Any) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sagmq.wire.errors import SagmqError
 from sagmq.wire.messages import ABORTED, FAILED, FINISHED
+
+if TYPE_CHECKING:  # only for the annotation: importing it would load the broker client
+    from sagmq.cli.admin import AdminClient
 
 
 def write_files(out: Path, files: dict[str, bytes]) -> None:
@@ -35,7 +38,7 @@ def format_round(h: dict[str, Any]) -> str:
     return text + (f" [{h['close_reason']}]" if h.get("close_reason") else "")
 
 
-def wait_job(admin: Any, job_id: str, timeout_s: float | None, out: Any = sys.stdout) -> dict[str, Any]:
+def wait_job(admin: AdminClient, job_id: str, timeout_s: float | None, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Poll a job's status, printing each finished round, until it ends or time runs out."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     shown = 0

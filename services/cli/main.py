@@ -43,6 +43,7 @@ def _admin(settings: Settings) -> Any:
 
 
 def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq submit`: check a job folder and submit it; print the job id."""
     files = read_job_folder(a.job_dir)
     parse_job(files)  # refuse invalid folders before they reach the broker
     admin = _admin(s)
@@ -54,6 +55,7 @@ def cmd_submit(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_list(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq list`: a table of the server's jobs."""
     admin = _admin(s)
     try:
         jobs = admin.call("list").result["jobs"]
@@ -69,6 +71,7 @@ def cmd_list(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_status(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq status`: the sites and jobs, or one job, as JSON."""
     admin = _admin(s)
     try:
         st = admin.status(a.job_id)
@@ -79,6 +82,7 @@ def cmd_status(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_wait(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq wait`: follow a job to its end; exit 0 only if it finished."""
     admin = _admin(s)
     try:
         st = wait_job(admin, a.job_id, a.timeout)
@@ -89,6 +93,7 @@ def cmd_wait(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_abort(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq abort`: stop a job."""
     admin = _admin(s)
     try:
         admin.call("abort", {"job_id": a.job_id})
@@ -99,6 +104,7 @@ def cmd_abort(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_download(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq download`: write a job's files and print its final model."""
     admin = _admin(s)
     try:
         files = admin.download(a.job_id)
@@ -113,6 +119,7 @@ def cmd_download(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_shutdown(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq shutdown`: stop the services, or one site."""
     if a.target == "client" and not a.name:
         raise SagmqError("shutdown client needs the site NAME")
     admin = _admin(s)
@@ -125,6 +132,7 @@ def cmd_shutdown(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_dead(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq dead`: list or show dead-lettered messages."""
     from sagmq.cli.dead import dead_list, dead_show
 
     if a.action == "show":
@@ -135,18 +143,21 @@ def cmd_dead(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_bench(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq bench`: see sagmq.cli.bench."""
     from sagmq.cli.bench import run_bench
 
     return run_bench(s, a)
 
 
 def cmd_poc(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq poc`: see sagmq.cli.poc."""
     from sagmq.cli.poc import run_poc
 
     return run_poc(s, a)
 
 
 def cmd_provision(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq provision`: write broker definitions and per-user env files."""
     from sagmq.cli.provision import write_provision
 
     sites = [x.strip() for x in a.sites.split(",") if x.strip()]
@@ -158,6 +169,7 @@ def cmd_provision(s: Settings, a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `sagmq` command line: one subcommand per service and per admin command."""
     p = argparse.ArgumentParser(prog="sagmq", description="Scatter-and-Gather federated learning over RabbitMQ.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SERVICES:

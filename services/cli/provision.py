@@ -263,6 +263,7 @@ def check_sites(sites: Sequence[str]) -> list[str]:
 
 
 def all_users(sites: Sequence[str]) -> list[str]:
+    """Every broker user: one per site, then the services'."""
     return [*sites, *SERVICE_USERS]
 
 

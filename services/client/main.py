@@ -302,7 +302,11 @@ class ClientService:
 
     def _run(self, w: _Work) -> TaskResult:
         t = w.task
-        base = dict(job_id=t.job_id, round=t.round, task_name=t.task_name, task_id=t.task_id, site=self.site)
+
+        def result(rc: str, dxo: DXO | None = None, error: str = "") -> TaskResult:
+            return TaskResult(job_id=t.job_id, round=t.round, task_name=t.task_name, task_id=t.task_id,
+                              site=self.site, rc=rc, dxo=dxo, error=error)
+
         started = time.monotonic()
         try:
             key = f"{t.job_id}"
@@ -317,13 +321,13 @@ class ClientService:
             dxo = executor.execute(t.task_name, t.dxo, w.ctx)
             log.info("task %s round %d of job %s done in %.3f s", t.task_name, t.round, t.job_id,
                      time.monotonic() - started)
-            return TaskResult(**base, rc=RC_OK, dxo=dxo)
+            return result(rc=RC_OK, dxo=dxo)
         except TaskError as e:
             log.warning("task %s round %d of job %s failed: %s: %s", t.task_name, t.round, t.job_id, e.rc, e.text)
-            return TaskResult(**base, rc=e.rc, error=e.text)
+            return result(rc=e.rc, error=e.text)
         except Exception as e:  # executor code is the job's; report, don't die
             log.exception("executor failed on round %d of job %s", t.round, t.job_id)
-            return TaskResult(**base, rc=RC_EXECUTION_EXCEPTION, error=f"{type(e).__name__}: {e}")
+            return result(rc=RC_EXECUTION_EXCEPTION, error=f"{type(e).__name__}: {e}")
 
     def _publish_result(self, r: TaskResult) -> None:
         headers = {"job_id": r.job_id, "round": r.round, "site": self.site}

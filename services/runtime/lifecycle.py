@@ -43,7 +43,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1)
     if not ok:
         logging.getLogger(__name__).info("mallopt refused: freed model buffers go back to the system")
     return ok
@@ -77,7 +77,8 @@ class Service(Protocol):
 
     stop: threading.Event
 
-    def run(self) -> None: ...
+    def run(self) -> None:
+        """Serve until stop is set."""
 
 
 def serve(name: str, build: Callable[[Settings, Bus], Service], argv: list[str] | None = None,

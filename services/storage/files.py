@@ -68,7 +68,8 @@ def write_npy(f: BinaryIO, arr: np.ndarray) -> None:
     """np.save(f, arr, allow_pickle=False), the same bytes. The header of a C-ordered array of a plain
     dtype is made once per dtype and shape instead of formatted anew each call (about 1 µs instead of
     5 µs for a small array here; a saved round's real cost is the file system's, see overwrite_npy)."""
-    descr = np.lib.format.dtype_to_descr(arr.dtype)
+    # object, not numpy's annotation: its stubs say a list, but a plain dtype gives a str
+    descr: object = np.lib.format.dtype_to_descr(arr.dtype)
     if not isinstance(descr, str) or arr.dtype.hasobject or not arr.flags.c_contiguous:
         np.save(f, arr, allow_pickle=False)
         return

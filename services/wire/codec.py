@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 import numpy as np
 
 from sagmq.wire.errors import DecodeError
@@ -52,7 +52,7 @@ def encode_array(a: np.ndarray) -> dict[str, Any]:
         raise DecodeError(f"dtype {arr.dtype.str!r} cannot travel on the wire")
     if not arr.flags.c_contiguous:
         arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into shape [1])
-    data = memoryview(arr.reshape(-1)).cast("B") if arr.size else b""
+    data = arr.reshape(-1).data.cast("B") if arr.size else b""
     return {"dtype": arr.dtype.str, "shape": list(arr.shape), "data": data}
 
 
@@ -126,9 +126,10 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 def pack(obj: Any) -> bytes:
     """msgpack bytes of a plain structure (maps, lists, scalars, binary)."""
     try:
-        return msgpack.packb(obj, use_bin_type=True, datetime=False)
+        body: bytes = msgpack.packb(obj, use_bin_type=True, datetime=False)
     except (TypeError, ValueError, OverflowError) as e:
         raise DecodeError(f"cannot encode: {e}") from e
+    return body
 
 
 def _str_keys(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:

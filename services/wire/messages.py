@@ -8,7 +8,6 @@ against the class's type hints and raises DecodeError naming the field.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -44,6 +43,9 @@ class Message:
     """Base of every message type."""
 
     TYPE: ClassVar[str] = ""
+    # every concrete message is a dataclass; declared so the type checker knows it (as typeshed's
+    # DataclassInstance does), and dataclasses.fields() accepts a type[Message]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-ready map of this message (only fields that can hold a DXO are walked)."""
@@ -72,23 +74,51 @@ def _to_wire(v: Any) -> Any:
 
 
 def _check(v: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
+    """v, checked against the field type tp (and converted where the wire is looser: int to float)."""
     if tp is Any:
         return check_plain(v, where)
+    origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for alt in typing.get_args(tp):
-            if alt is type(None):
-                if v is None:
-                    return None
-                continue
-            try:
-                return _check(v, alt, where)
-            except DecodeError as e:
-                errors.append(str(e))
-        raise DecodeError(errors[0] if errors else f"{where}: must be null")
+        return _check_union(v, tp, where)
     if tp is DXO:
         return decode_dxo(v, where)
+    if origin is list:
+        return _check_list(v, tp, where)
+    if origin is dict:
+        return _check_dict(v, tp, where)
+    return _check_scalar(v, tp, where)
+
+
+def _check_union(v: Any, tp: Any, where: str) -> Any:
+    errors = []
+    for alt in typing.get_args(tp):
+        if alt is type(None):
+            if v is None:
+                return None
+            continue
+        try:
+            return _check(v, alt, where)
+        except DecodeError as e:
+            errors.append(str(e))
+    raise DecodeError(errors[0] if errors else f"{where}: must be null")
+
+
+def _check_list(v: Any, tp: Any, where: str) -> list[Any]:
+    (item,) = typing.get_args(tp)
+    if not isinstance(v, list):
+        raise DecodeError(f"{where}: expected a list, got {type(v).__name__}")
+    return [_check(x, item, f"{where}[{i}]") for i, x in enumerate(v)]
+
+
+def _check_dict(v: Any, tp: Any, where: str) -> dict[Any, Any]:
+    kt, vt = typing.get_args(tp)
+    if not isinstance(v, Mapping):
+        raise DecodeError(f"{where}: expected a map, got {type(v).__name__}")
+    return {_check(k, kt, f"{where} key"): _check(x, vt, f"{where}[{k!r}]") for k, x in v.items()}
+
+
+def _check_scalar(v: Any, tp: Any, where: str) -> Any:
+    # bool is a subclass of int in Python but a type of its own on the wire
     if tp is float:
         if isinstance(v, int | float) and not isinstance(v, bool):
             return float(v)
@@ -101,16 +131,6 @@ def _check(v: Any, tp: Any, where: str) -> Any:
         if isinstance(v, tp) and not (tp is not bool and isinstance(v, bool)):
             return v
         raise DecodeError(f"{where}: expected {tp.__name__}, got {type(v).__name__}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(v, list):
-            raise DecodeError(f"{where}: expected a list, got {type(v).__name__}")
-        return [_check(x, item, f"{where}[{i}]") for i, x in enumerate(v)]
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        if not isinstance(v, Mapping):
-            raise DecodeError(f"{where}: expected a map, got {type(v).__name__}")
-        return {_check(k, kt, f"{where} key"): _check(x, vt, f"{where}[{k!r}]") for k, x in v.items()}
     raise TypeError(f"unsupported wire type {tp!r} at {where}")  # a bug in a message class
 
 
@@ -118,21 +138,34 @@ def _holds(tp: Any, kinds: tuple[type, ...]) -> bool:
     return tp in kinds or any(_holds(a, kinds) for a in typing.get_args(tp))
 
 
-@functools.cache
-def _fields(cls: type[Message]) -> tuple[tuple[str, Any, bool, bool], ...]:
+# (name, type, optional, holds a DXO) of a message field
+_Field = tuple[str, Any, bool, bool]
+# per message class, resolved once (a dict, not functools.cache: mypy cannot see that a class object
+# is hashable when its instances define __hash__)
+_FIELDS: dict[type[Message], tuple[_Field, ...]] = {}
+_BULKY: dict[type[Message], tuple[str, ...]] = {}
+
+
+def _fields(cls: type[Message]) -> tuple[_Field, ...]:
     """(name, type, optional, holds a DXO) of each field of a message class, resolved once."""
-    hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name],
-                  f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
-                  _holds(hints[f.name], (DXO,)))
-                 for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    found = _FIELDS.get(cls)
+    if found is None:
+        hints = typing.get_type_hints(cls)
+        found = _FIELDS[cls] = tuple(
+            (f.name, hints[f.name],
+             f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
+             _holds(hints[f.name], (DXO,)))
+            for f in dataclasses.fields(cls))
+    return found
 
 
-@functools.cache
 def _bulky(cls: type[Message]) -> tuple[str, ...]:
     """The fields of a message class that can carry arrays or large binaries."""
-    hints = typing.get_type_hints(cls)
-    return tuple(f.name for f in dataclasses.fields(cls) if _holds(hints[f.name], (DXO, bytes)))  # type: ignore[arg-type]
+    found = _BULKY.get(cls)
+    if found is None:
+        hints = typing.get_type_hints(cls)
+        found = _BULKY[cls] = tuple(f.name for f in dataclasses.fields(cls) if _holds(hints[f.name], (DXO, bytes)))
+    return found
 
 
 def bulk_bytes(msg: Message, wire: dict[str, Any]) -> int:

@@ -68,46 +68,57 @@ class Names:
 
     @property
     def tasks(self) -> str:
+        """The direct exchange of tasks and control to the sites (rk=site, CC=other targets)."""
         return f"{self.prefix}.tasks"
 
     @property
     def results(self) -> str:
+        """The exchange sites publish results to."""
         return f"{self.prefix}.results"
 
     @property
     def events(self) -> str:
+        """The topic exchange of events between the services."""
         return f"{self.prefix}.events"
 
     @property
     def admin(self) -> str:
+        """The exchange of admin requests from the CLI."""
         return f"{self.prefix}.admin"
 
     @property
     def dead(self) -> str:
+        """The dead-letter exchange every work queue rejects to."""
         return f"{self.prefix}.dead"
 
     @property
     def server_queue(self) -> str:
+        """The server's queue of events (contributions, aggregates, models, heartbeats)."""
         return f"{self.prefix}.server"
 
     @property
     def server_admin_queue(self) -> str:
+        """The server's queue of admin requests."""
         return f"{self.prefix}.server.admin"
 
     @property
     def aggregator_queue(self) -> str:
+        """The aggregator's queue of round orders."""
         return f"{self.prefix}.aggregator"
 
     @property
     def persistor_queue(self) -> str:
+        """The persistor's queue: model and job events, and its admin requests."""
         return f"{self.prefix}.persistor"
 
     @property
     def results_queue(self) -> str:
+        """The queue of the sites' results, read by the aggregator."""
         return f"{self.prefix}.results"
 
     @property
     def dead_queue(self) -> str:
+        """The queue dead-lettered messages end in."""
         return f"{self.prefix}.dead"
 
     def site_queue(self, site: str) -> str:

@@ -78,11 +78,11 @@ def test_confirmed_persistent_messages_survive_a_crash(node: RabbitNode) -> None
 
 
 def test_running_node_stops_and_removes_the_node_when_the_test_fails(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="test body failed"):
-        with running_node(base_dir=tmp_path) as n:
-            d = n.dir
-            assert n.pids()
-            raise RuntimeError("test body failed")
+    # the node's context exits first (with the error), then pytest.raises takes the error
+    with pytest.raises(RuntimeError, match="test body failed"), running_node(base_dir=tmp_path) as n:
+        d = n.dir
+        assert n.pids()
+        raise RuntimeError("test body failed")
     assert not n.pids()
     assert not d.exists()
     assert not n.running

@@ -222,14 +222,14 @@ def test_decode_rejects_timestamp_in_job_meta() -> None:
 def test_decode_rejects_timestamp_in_admin_args() -> None:
     wire = wire_of(AdminRequest)
     wire["args"] = {"deep": [1, {"t": msgpack.Timestamp(5, 0)}]}
-    with pytest.raises(DecodeError, match="admin.request.args"):
+    with pytest.raises(DecodeError, match=r"admin\.request\.args"):
         decode(AdminRequest, timestamp_body(wire), LIMIT)
 
 
 def test_decode_rejects_timestamp_in_history() -> None:
     wire = wire_of(ModelSave)
     wire["history"] = [{"at": msgpack.Timestamp(5, 0)}]
-    with pytest.raises(DecodeError, match="model.save.history"):
+    with pytest.raises(DecodeError, match=r"model\.save\.history"):
         decode(ModelSave, timestamp_body(wire), LIMIT)
 
 
