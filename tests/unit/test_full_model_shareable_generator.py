@@ -1,11 +1,11 @@
-"""FullModelShareableGenerator: applying a round's aggregate to the global model."""
+"""FullModelShareableGenerator: the global model as task data, and a round's aggregate applied to it."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sagmq.server.generator import apply_aggregate
+from sagmq.server.full_model_shareable_generator import FullModelShareableGenerator, apply_aggregate
 from sagmq.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS, decode_array, encode_array, pack, unpack
 from sagmq.wire.errors import SagmqError
 
@@ -102,3 +102,32 @@ def test_metrics_aggregate_raises() -> None:
 def test_unknown_kind_raises() -> None:
     with pytest.raises(SagmqError):
         apply_aggregate(global_model(), DXO("FOO", {"w": np.zeros((2, 3), np.float32)}))
+
+
+# --- the component ------------------------------------------------------------------------------
+
+
+def test_learnable_to_shareable_is_the_whole_model_as_weights_with_the_meta() -> None:
+    g = global_model()
+    dxo = FullModelShareableGenerator().learnable_to_shareable(g, {"current_round": 3, "num_rounds": 5})
+    assert dxo.kind == WEIGHTS
+    assert dxo.meta == {"current_round": 3, "num_rounds": 5}
+    assert set(dxo.data) == set(g)
+    for k in g:
+        assert dxo.data[k] is g[k]  # the task shares the arrays: no copy of a large model
+
+
+def test_learnable_to_shareable_without_meta() -> None:
+    assert FullModelShareableGenerator().learnable_to_shareable(global_model()).meta == {}
+
+
+def test_shareable_to_learnable_applies_the_aggregate() -> None:
+    g = global_model()
+    out = FullModelShareableGenerator().shareable_to_learnable(DXO(WEIGHT_DIFF, {"b": np.ones(2, np.float32)}), g)
+    np.testing.assert_array_equal(out["b"], [2.0, 3.0])
+    np.testing.assert_array_equal(g["b"], [1.0, 2.0])
+
+
+def test_shareable_to_learnable_of_nothing_keeps_the_model() -> None:
+    g = global_model()
+    assert FullModelShareableGenerator().shareable_to_learnable(None, g) is g
