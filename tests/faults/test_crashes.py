@@ -32,6 +32,12 @@ def test_client_killed_mid_round_rejoins_next_round(system: System, tmp_path: Pa
     apps = {"site-1": np_trainer(), "site-2": np_trainer(sleep_time=2)}
     job_id = system.launch(make_job(tmp_path, "clientkill", server, apps, min_clients=2), list(apps))
     wait_for(lambda: system.admin.status(job_id).get("phase") == "training", 20, "round 0 to start")
+
+    def site_2_training() -> bool:  # its task reached it (a task still in its queue would survive the kill)
+        sites = system.admin.status().get("sites", [])
+        return any(x["site"] == "site-2" and x["busy_job"] == job_id for x in sites)
+
+    wait_for(site_2_training, 20, "site-2 to run its task")
     system.stack.kill(proc(system, "site-2"))  # mid-training: its task is lost with it
     system.start_client("site-2")
     st = system.wait_job(job_id, 60)
