@@ -68,8 +68,10 @@ def prefix(amqp_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def settings(amqp_url: str, prefix: str, tmp_path: Path) -> Settings:
+    # SAGMQ_PIKA_FASTPATH passes through, so a run with it off tests the bus on stock pika
     return load_settings({"SAGMQ_AMQP_URL": amqp_url, "SAGMQ_PREFIX": prefix,
-                          "SAGMQ_WORKSPACE": str(tmp_path / "ws")})
+                          "SAGMQ_WORKSPACE": str(tmp_path / "ws"),
+                          "SAGMQ_PIKA_FASTPATH": os.environ.get("SAGMQ_PIKA_FASTPATH", "")})
 
 
 class System:

@@ -48,7 +48,7 @@ def _site(settings: Settings, prefix: str, i: int, parts: int, part_bytes: int, 
         seen[0] += 1
         if seen[0] % parts == 0:
             for _ in range(parts):
-                bus.publish_raw("", results, body, bus.properties("floor"))
+                bus.publish_bytes("", results, body, "floor")
         if seen[0] == rounds * parts:
             stop.set()
 
@@ -93,8 +93,7 @@ def measure_floor(settings: Settings, prefix: str, clients: int, nbytes: int, ro
         got[0] = 0
         t0 = time.perf_counter()
         for _ in range(parts):
-            props = bus.properties("floor", {"CC": targets[1:]})
-            bus.publish_raw(f"{prefix}.floor.tasks", targets[0], body, props)
+            bus.publish_bytes(f"{prefix}.floor.tasks", targets[0], body, "floor", {"CC": targets[1:]})
         while got[0] < clients * parts:
             bus.process(0.01)
         times.append(time.perf_counter() - t0)
@@ -103,11 +102,7 @@ def measure_floor(settings: Settings, prefix: str, clients: int, nbytes: int, ro
         p.join(30)
     if cpu is not None:
         cpu["publisher"], cpu["clients"] = publisher, sum(u.value for u in used)
-    ch = bus.channel
-    for q in topo.queues:
-        ch.queue_delete(q.name)
-    for ex in topo.exchanges:
-        ch.exchange_delete(ex.name)
+    bus.delete(topo)
     bus.close()
     return times
 

@@ -21,7 +21,7 @@ import uuid
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -255,7 +255,7 @@ class Assembly:
             self.header = unpack(body, header_limit)
             refs(self.header, self.size)
             # not bytearray(size), which zero-fills a whole model only to overwrite it (0.1 s per 200 MB)
-            self.buf = memoryview(np.empty(self.size, dtype=np.uint8))
+            self.buf = np.empty(self.size, dtype=np.uint8).data
             for j, (off, data) in self.early.items():
                 self.buf[off:off + len(data)] = data
                 self.track.add(j)
@@ -278,3 +278,89 @@ class Assembly:
         """The complete message map, arrays as views over the (writable) buffer."""
         assert self.buf is not None and self.complete()
         return resolve(self.header, self.buf)
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Step(Generic[T]):
+    """What one part (or an expiry) did to a blob: ``kind`` is "pending" (more parts to come;
+    ``copied`` if this part's bytes are in the buffer now), "done" (``message`` is the whole map),
+    "refused" (``reason``: dead-letter ``first``, drop ``rest``) or "late" (a part of a blob
+    refused before: drop it)."""
+
+    kind: str
+    held: list[T] = field(default_factory=list)
+    first: T | None = None
+    message: Any = None
+    reason: str = ""
+    copied: bool = False
+
+    @property
+    def rest(self) -> list[T]:
+        """The held items other than first."""
+        return [x for x in self.held if x is not self.first]
+
+
+class Reassembler(Generic[T]):
+    """Puts blobs together from their parts for every receiver (consumers, RPC replies): holds
+    each part's item (e.g. its delivery, to ack once the whole message is handled), remembers
+    refused blobs so their late parts are dropped, and expires blobs whose parts stop coming."""
+
+    def __init__(self, max_bytes: int, header_limit: int, timeout_s: float) -> None:
+        self.max_bytes, self.header_limit, self.timeout_s = max_bytes, header_limit, timeout_s
+        self._open: dict[tuple[str, str], tuple[Assembly, list[tuple[int, T]]]] = {}
+        self._refused: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def clear(self) -> None:
+        """Forget every blob being assembled (after a lost connection its parts come again)."""
+        self._open.clear()
+
+    def add(self, scope: str, headers: Mapping[str, Any], body: bytes, item: T) -> Step[T]:
+        """Take one part (scope: the queue or request it came on) and say what it did."""
+        try:
+            blob, idx, n, size = part_info(headers)
+        except DecodeError as e:
+            return Step("refused", [item], item, reason=str(e))
+        if blob in self._refused:
+            return Step("late", [item], item)
+        key = (scope, blob)
+        if key not in self._open:
+            self._open[key] = (Assembly(blob, n, size, self.max_bytes), [])
+        asm, held = self._open[key]
+        held.append((idx, item))
+        try:
+            done = asm.add(idx, headers, body, self.header_limit)
+        except DecodeError as e:
+            return self._refuse(key, f"blob part {idx} of {n}: {e}")
+        if not done:
+            return Step("pending", copied=idx > 0 and idx in asm.got)
+        del self._open[key]
+        return Step("done", [x for _, x in held], self._first(held), message=asm.message_map())
+
+    def expire(self, now: float | None = None) -> list[Step[T]]:
+        """Refuse the blobs whose missing parts did not come within timeout_s."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for key, (asm, _) in list(self._open.items()):
+            if asm.track.stale(now, self.timeout_s):
+                out.append(self._refuse(key, f"incomplete blob {asm.blob}: parts {asm.missing()[:10]} of "
+                                             f"{asm.parts} missing after {self.timeout_s:g} s"))
+        for blob, t in list(self._refused.items()):
+            if now - t > 10 * self.timeout_s:
+                del self._refused[blob]
+        return out
+
+    def _refuse(self, key: tuple[str, str], reason: str) -> Step[T]:
+        _, held = self._open.pop(key)
+        self._refused[key[1]] = time.monotonic()
+        return Step("refused", [x for _, x in held], self._first(held), reason=reason)
+
+    @staticmethod
+    def _first(held: list[tuple[int, T]]) -> T:
+        """Part 0's item (it carries the message's header), else the first held."""
+        return next((x for i, x in held if i == 0), held[0][1])

@@ -11,7 +11,7 @@ import pytest
 
 from sagmq.amqp import AmqpBus
 from sagmq.wire.blob import split
-from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.bus import Delivery
 from sagmq.wire.codec import DXO
 from sagmq.wire.messages import RoundAggregated, RoundClose, RoundOpen, TaskResult
 from sagmq.wire.settings import Settings
@@ -36,14 +36,14 @@ def small(settings: Settings) -> Settings:
     return replace(settings, chunk_bytes=CHUNK, chunk_timeout_s=0.5)
 
 
-def _bus(s: Settings, name: str) -> Bus:
+def _bus(s: Settings, name: str) -> AmqpBus:
     b = AmqpBus(s, name, connect_timeout_s=5).connect()
     b.declare(service_topology(s.prefix))
     b.declare(site_topology(s.prefix, "site-1"))
     return b
 
 
-def _collect(bus: Bus, queue: str, want: int, timeout: float = 5) -> list[Delivery]:
+def _collect(bus: AmqpBus, queue: str, want: int, timeout: float = 5) -> list[Delivery]:
     got: list[Delivery] = []
     bus.consume(queue, got.append, prefetch=0)
     deadline = time.monotonic() + timeout
@@ -58,7 +58,7 @@ def _task(data: dict[str, np.ndarray]) -> TaskResult:
     return TaskResult("job", 0, "train", "t", "site-1", "OK", DXO("WEIGHTS", data, {"NUM_STEPS_CURRENT_ROUND": 2}))
 
 
-def _publish_parts(bus: Bus, s: Settings, msg: TaskResult, order: list[int] | None = None,
+def _publish_parts(bus: AmqpBus, s: Settings, msg: TaskResult, order: list[int] | None = None,
                    corrupt: int | None = None, drop: int | None = None) -> int:
     parts = list(split(msg.to_wire(), CHUNK))
     idx = order if order is not None else list(range(len(parts)))
@@ -94,7 +94,7 @@ def test_out_of_order_and_duplicate_parts_assemble_once(small: Settings) -> None
     bus = _bus(small, "test")
     data = mixed()
     n = len(list(split(_task(data).to_wire(), CHUNK)))
-    order = list(range(n)) + [3, 0, n - 1]
+    order = [*range(n), 3, 0, n - 1]
     random.Random(1).shuffle(order)
     _publish_parts(bus, small, _task(data), order=order)
     got = _collect(bus, bus.names.site_queue("site-1"), 2, timeout=2)
@@ -116,7 +116,7 @@ def test_missing_or_corrupt_part_is_dead_lettered_and_nothing_hangs(small: Setti
     method, props, _ = bus.channel.basic_get(bus.names.dead_queue, auto_ack=True)
     assert method is not None
     reason = props.headers["x-sagmq-reason"]
-    assert ("parts [4] of %d missing" % n in reason) if fault == "missing" else ("checksum mismatch" in reason)
+    assert (f"parts [4] of {n} missing" in reason) if fault == "missing" else ("checksum mismatch" in reason)
     if fault == "corrupt":  # the rest of the blob does not linger
         assert bus.channel.queue_declare(bus.names.site_queue("site-1"), passive=True).method.message_count == 0
     bus.close()
@@ -172,7 +172,7 @@ def _stream_and_rebuild(small: Settings) -> None:
     bus.close()
 
 
-def _assemble_one(bus: Bus, props: object, body: bytes) -> RoundAggregated | None:
+def _assemble_one(bus: AmqpBus, props: object, body: bytes) -> RoundAggregated | None:
     """round.aggregated may itself come in parts: read the rest of them from the queue."""
     from sagmq.wire.blob import Assembly, is_part, part_info
     from sagmq.wire.messages import decode, from_wire

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from sagmq.amqp import AmqpBus
-from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.bus import Delivery
 from sagmq.wire.errors import BrokerUnavailable, Rejected, SagmqError
 from sagmq.wire.messages import AdminReply, AdminRequest, Control, decode
 from sagmq.wire.settings import Settings
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def bus(settings: Settings):
+def bus(settings: Settings) -> Iterator[AmqpBus]:
     b = AmqpBus(settings, "test", connect_timeout_s=5).connect()
     b.declare(service_topology(settings.prefix))
     for s in ("site-1", "site-2", "site-3"):
@@ -29,8 +31,8 @@ def bus(settings: Settings):
     b.close()
 
 
-def drain(bus: Bus, queue: str) -> list[tuple[dict, bytes]]:
-    out = []
+def drain(bus: AmqpBus, queue: str) -> list[tuple[dict[str, Any], bytes]]:
+    out: list[tuple[dict[str, Any], bytes]] = []
     while True:
         method, props, body = bus.channel.basic_get(queue, auto_ack=True)
         if method is None:
@@ -39,7 +41,7 @@ def drain(bus: Bus, queue: str) -> list[tuple[dict, bytes]]:
                      "message_id": props.message_id, "delivery_mode": props.delivery_mode}, body))
 
 
-def test_one_publish_fans_out_to_every_target_queue(bus: Bus) -> None:
+def test_one_publish_fans_out_to_every_target_queue(bus: AmqpBus) -> None:
     n = bus.names
     bus.publish(n.tasks, "site-1", Control("abort", "job-x"), cc=["site-2", "site-3"], headers={"job_id": "job-x"})
     for site in ("site-1", "site-2", "site-3"):
@@ -51,12 +53,12 @@ def test_one_publish_fans_out_to_every_target_queue(bus: Bus) -> None:
         assert decode(Control, body, 1000) == Control("abort", "job-x")
 
 
-def test_unroutable_publish_is_an_error(bus: Bus) -> None:
+def test_unroutable_publish_is_an_error(bus: AmqpBus) -> None:
     with pytest.raises(SagmqError, match="unroutable"):
         bus.publish(bus.names.tasks, "no-such-site", Control("abort"))
 
 
-def test_oversize_message_is_refused_before_sending(bus: Bus, settings: Settings) -> None:
+def test_oversize_message_is_refused_before_sending(bus: AmqpBus, settings: Settings) -> None:
     small = AmqpBus(replace(settings, max_body_bytes=2048), "small", connect_timeout_s=5).connect()
     try:
         with pytest.raises(SagmqError, match="exceeds SAGMQ_MAX_BODY_BYTES"):
@@ -65,7 +67,7 @@ def test_oversize_message_is_refused_before_sending(bus: Bus, settings: Settings
         small.close()
 
 
-def test_rejected_and_failing_messages_are_dead_lettered_with_reason(bus: Bus) -> None:
+def test_rejected_and_failing_messages_are_dead_lettered_with_reason(bus: AmqpBus) -> None:
     n = bus.names
     seen: list[str] = []
 
@@ -94,7 +96,7 @@ def test_rejected_and_failing_messages_are_dead_lettered_with_reason(bus: Bus) -
     assert drain(bus, n.site_queue("site-1")) == []  # everything was acked
 
 
-def test_rpc_round_trip(bus: Bus, settings: Settings) -> None:
+def test_rpc_round_trip(bus: AmqpBus, settings: Settings) -> None:
     server = AmqpBus(settings, "rpc-server", connect_timeout_s=5).connect()
     stop = threading.Event()
 
@@ -117,7 +119,7 @@ def test_rpc_round_trip(bus: Bus, settings: Settings) -> None:
         server.close()
 
 
-def test_rpc_times_out_without_a_server(bus: Bus) -> None:
+def test_rpc_times_out_without_a_server(bus: AmqpBus) -> None:
     t0 = time.monotonic()
     with pytest.raises(SagmqError, match="no reply"):
         bus.rpc(bus.names.admin, "persistor", AdminRequest("download"), 0.5)
@@ -135,7 +137,7 @@ def test_bad_credentials_fail_fast(settings: Settings) -> None:
     assert time.monotonic() - t0 < 5
 
 
-def test_a_message_whose_handling_the_broker_refuses_is_dead_lettered_once(bus: Bus) -> None:
+def test_a_message_whose_handling_the_broker_refuses_is_dead_lettered_once(bus: AmqpBus) -> None:
     n = bus.names
     calls: list[str] = []
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+import pika
 import pytest
 
 from sagmq.amqp import AmqpBus
+from sagmq.amqp.send import SEND_WINDOW_PARTS, Send
 from sagmq.wire.blob import H_BLOB, H_PART
-from sagmq.amqp.bus import SEND_WINDOW_PARTS
-from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.bus import Delivery
 from sagmq.wire.codec import DXO, WEIGHTS
 from sagmq.wire.errors import BrokerRefused, SagmqError
 from sagmq.wire.messages import Control, ModelSave
@@ -38,7 +41,7 @@ def small_chunks(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def bus(small_chunks: Settings):
+def bus(small_chunks: Settings) -> Iterator[AmqpBus]:
     b = AmqpBus(small_chunks, "test-send", connect_timeout_s=5).connect()
     b.declare(topo(small_chunks.prefix))
     yield b
@@ -52,21 +55,21 @@ def save(rnd: int, n: int) -> ModelSave:
     return ModelSave("job", rnd, DXO(WEIGHTS, {"w": np.arange(n, dtype=np.float32) + rnd}))
 
 
-def run_until(bus: Bus, pred, timeout: float, what: str) -> None:
+def run_until(bus: AmqpBus, pred: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         bus.process(0.05)
 
 
-def test_sends_are_confirmed_in_order_and_large_ones_arrive_whole(bus: Bus, small_chunks: Settings) -> None:
+def test_sends_are_confirmed_in_order_and_large_ones_arrive_whole(bus: AmqpBus, small_chunks: Settings) -> None:
     p = small_chunks.prefix
     got: list[Delivery] = []
     done: list[tuple[int, SagmqError | None]] = []
     bus.consume(f"{p}.send.a", got.append, prefetch=0)
     sizes = [3, 1_000_000, 5, 2_000_000, 7]  # small and multi-part (16 and 31 parts) messages mixed
     for i, n in enumerate(sizes):
-        bus.send(f"{p}.send", "a", save(i, n), on_done=lambda err, i=i: done.append((i, err)))
+        bus.send(f"{p}.send", "a", save(i, n), on_done=partial(lambda i, err: done.append((i, err)), i))
     assert bus.sending == len(sizes)  # nothing waited for the broker
     run_until(bus, lambda: len(got) == len(sizes) and not bus.sending, 60, "every send")
     assert sorted(done, key=lambda x: x[0]) == [(i, None) for i in range(len(sizes))]  # (confirms may cross)
@@ -76,14 +79,14 @@ def test_sends_are_confirmed_in_order_and_large_ones_arrive_whole(bus: Bus, smal
         np.testing.assert_array_equal(m.dxo.data["w"], np.arange(n, dtype=np.float32) + i)
 
 
-def test_the_loop_serves_deliveries_while_a_large_send_is_in_flight(bus: Bus, small_chunks: Settings,
+def test_the_loop_serves_deliveries_while_a_large_send_is_in_flight(bus: AmqpBus, small_chunks: Settings,
                                                                      settings: Settings) -> None:
     p = small_chunks.prefix
     seen_while_sending: list[int] = []
     bus.consume(f"{p}.send.b", lambda d: seen_while_sending.append(bus.sending), prefetch=0)
     done: list[SagmqError | None] = []
     bus.send(f"{p}.send", "a", save(0, 8_000_000), on_done=done.append)  # 32 MB: 123 parts
-    max_inflight = bus._inflight_bytes
+    max_inflight = bus.sender.inflight_bytes
     other = AmqpBus(settings, "test-send-other", connect_timeout_s=5).connect()
     try:
         other.publish(f"{p}.send", "b", Control("status"))
@@ -91,7 +94,7 @@ def test_the_loop_serves_deliveries_while_a_large_send_is_in_flight(bus: Bus, sm
         other.close()
     while not done:
         bus.process(0.05)
-        max_inflight = max(max_inflight, bus._inflight_bytes)
+        max_inflight = max(max_inflight, bus.sender.inflight_bytes)
     assert done == [None]
     assert seen_while_sending and seen_while_sending[0] == 1, "the delivery waited for the whole send"
     # a part goes out while less than the window is unconfirmed: what is held stays under window + one part
@@ -100,7 +103,7 @@ def test_the_loop_serves_deliveries_while_a_large_send_is_in_flight(bus: Bus, sm
     assert parts == 1 + -(-32_000_000 // CHUNK)
 
 
-def test_unroutable_and_refused_sends_report_why_and_later_sends_still_go(bus: Bus, small_chunks: Settings) -> None:
+def test_unroutable_and_refused_sends_report_why_and_later_sends_still_go(bus: AmqpBus, small_chunks: Settings) -> None:
     p = small_chunks.prefix
     results: dict[str, SagmqError | None] = {}
     bus.send(f"{p}.send", "nobody", save(0, 3), on_done=lambda e: results.__setitem__("unroutable", e))
@@ -131,7 +134,7 @@ def test_a_send_cut_off_by_a_lost_connection_is_sent_again_whole(small_chunks: S
         bus.declare(topo(small_chunks.prefix))
         done: list[SagmqError | None] = []
         bus.send(f"{small_chunks.prefix}.send", "a", save(4, 4_000_000), on_done=done.append)  # 62 parts
-        run_until(bus, lambda: bus._send_seq >= 10, 30, "a few parts out")
+        run_until(bus, lambda: bus.sender.seq >= 10, 30, "a few parts out")
         proxy.restore()  # drops the live link: the connection dies mid-send
         run_until(bus, lambda: bool(done), 60, "the send to finish after reconnecting")
         assert done == [None]
@@ -150,25 +153,33 @@ def test_a_send_cut_off_by_a_lost_connection_is_sent_again_whole(small_chunks: S
         proxy.close()
 
 
-def test_close_waits_for_unconfirmed_sends(bus: Bus, small_chunks: Settings) -> None:
+def test_close_waits_for_unconfirmed_sends(bus: AmqpBus, small_chunks: Settings) -> None:
     b = AmqpBus(small_chunks, "test-send-close", connect_timeout_s=5).connect()
     b.send(f"{small_chunks.prefix}.send", "a", save(0, 1_000_000))
     assert b.sending == 1
     b.close()
     wait_for(lambda: bus.channel.queue_declare(f"{small_chunks.prefix}.send.a", passive=True).method.message_count
              == 1 + -(-4_000_000 // CHUNK), 10, "every part in the queue")
-    method, props, _ = bus.channel.basic_get(f"{small_chunks.prefix}.send.a", auto_ack=True)
+    _, props, _ = bus.channel.basic_get(f"{small_chunks.prefix}.send.a", auto_ack=True)
     assert props.headers[H_BLOB] and props.headers[H_PART] == 0
 
 
-def test_the_bus_reads_the_socket_in_large_pieces(bus: Bus) -> None:
+def test_the_bus_reads_the_socket_in_large_pieces_on_its_own_connection_only(bus: AmqpBus) -> None:
     from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
-    from sagmq.amqp.bus import RECV_BYTES
+    from sagmq.amqp.fastpath import RECV_BYTES
 
-    assert RECV_BYTES >= 128 * 1024 and _AsyncTransportBase._MAX_RECV_BYTES == RECV_BYTES
-    transport = bus._conn._impl._transport  # the live connection's transport uses it
-    assert transport._MAX_RECV_BYTES == RECV_BYTES
+    if bus._fast is None:
+        pytest.skip("the fast path is off")
+    assert RECV_BYTES >= 128 * 1024
+    assert bus._link is not None and bus._link.conn._transport._MAX_RECV_BYTES == RECV_BYTES
+    assert _AsyncTransportBase._MAX_RECV_BYTES == 4096  # pika's own class is left alone
+    other = pika.BlockingConnection(pika.URLParameters(bus.settings.amqp_url))  # e.g. a custom executor's
+    try:
+        transport = other._impl._transport
+        assert transport._MAX_RECV_BYTES == 4096 and not vars(transport).keys() & {"_MAX_RECV_BYTES", "_produce"}
+    finally:
+        other.close()
 
 
 def test_close_does_not_wait_for_a_broker_that_is_gone(small_chunks: Settings, amqp_url: str) -> None:
@@ -189,7 +200,7 @@ def test_close_does_not_wait_for_a_broker_that_is_gone(small_chunks: Settings, a
 
 
 @pytest.mark.parametrize("retain", [True, False])
-def test_a_send_not_retained_lets_its_message_go_once_its_last_part_is_out(bus: Bus, small_chunks: Settings,
+def test_a_send_not_retained_lets_its_message_go_once_its_last_part_is_out(bus: AmqpBus, small_chunks: Settings,
                                                                             retain: bool) -> None:
     import gc
     import weakref
@@ -199,7 +210,7 @@ def test_a_send_not_retained_lets_its_message_go_once_its_last_part_is_out(bus: 
     done: list[SagmqError | None] = []
     bus.send(f"{small_chunks.prefix}.send", "a", ModelSave("job", 0, DXO(WEIGHTS, {"w": w})), on_done=done.append,
              retain=retain)
-    snd = bus._sends[-1]  # held here, as the bus holds it until every part is confirmed
+    snd = bus.sender.sends[-1]  # held here, as the bus holds it until every part is confirmed
     del w
     run_until(bus, lambda: snd.all_sent, 30, "every part out")
     gc.collect()
@@ -210,14 +221,12 @@ def test_a_send_not_retained_lets_its_message_go_once_its_last_part_is_out(bus: 
 
 def test_after_a_lost_connection_a_send_not_retained_fails_and_a_retained_one_starts_again(
         small_chunks: Settings) -> None:
-    from sagmq.amqp.bus import _Send
-
     bus = AmqpBus(small_chunks, "test-restart")  # never connected: only the bookkeeping runs
-    kept = _Send("x", "a", lambda: iter(()), True, None, "kept", all_sent=True, unconfirmed=2)
-    gone = _Send("x", "a", lambda: iter(()), True, None, "gone", all_sent=True, unconfirmed=2, retain=False)
-    midway = _Send("x", "a", lambda: iter(()), True, None, "midway", unconfirmed=1, retain=False)
-    bus._sends.extend([kept, gone, midway])
-    bus._restart_sends()
+    kept = Send("x", "a", lambda: iter(()), True, None, "kept", all_sent=True, unconfirmed=2)
+    gone = Send("x", "a", lambda: iter(()), True, None, "gone", all_sent=True, unconfirmed=2, retain=False)
+    midway = Send("x", "a", lambda: iter(()), True, None, "midway", unconfirmed=1, retain=False)
+    bus.sender.sends.extend([kept, gone, midway])
+    bus.sender.restart()
     assert (kept.all_sent, kept.error) == (False, None)  # sent again from its first part
     assert gone.error is not None and "lost before the broker confirmed it (not kept to send again)" in str(gone.error)
     assert (midway.all_sent, midway.error) == (False, None)  # its parts were still being made: made again
