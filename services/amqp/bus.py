@@ -23,11 +23,11 @@ import pika.exceptions as px
 
 from sagmq.amqp import rpc
 from sagmq.amqp.connection import CONNECTION_ERRORS, Channel, ConnectionLost, Link, parameters, safe_url, with_retry
-from sagmq.amqp.consume import Consumer, Consuming, dead_letter_headers
+from sagmq.amqp.consume import Consumer, Consuming
 from sagmq.amqp.fastpath import FastPath, install
 from sagmq.amqp.publish import Advisory, Confirmed, Envelope, encode, properties
 from sagmq.amqp.send import Send, Sender
-from sagmq.wire.bus import Delivery, Done, Handler
+from sagmq.wire.bus import Delivery, Done, Handler, dead_letter_headers
 from sagmq.wire.errors import BrokerRefused, SagmqError
 from sagmq.wire.messages import Message
 from sagmq.wire.settings import Settings
@@ -382,9 +382,6 @@ class AmqpBus:
     def dead_letter(self, d: Delivery, reason: str) -> None:
         """Log the reason, copy the message to P.dead with it, then ack the original."""
         self.dead_lettered += 1
-        log.warning("dead-lettering %s message from queue %s (user %s, job %s, round %s, site %s): %s",
-                    d.msg_type or "untyped", d.queue, d.user_id, d.header_str("job_id"), d.header_str("round"),
-                    d.header_str("site"), reason)
         props = self.properties("dead", dead_letter_headers(d, reason))
         try:
             self.publish_raw(self.names.dead, "", d.body, props)

@@ -14,15 +14,13 @@ What a handler's failure does (the Bus contract):
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from sagmq.wire.blob import H_BLOB, Reassembler, Step, is_part
-from sagmq.wire.bus import Delivery, Handler
-from sagmq.wire.errors import BrokerRefused, DecodeError, Rejected
+from sagmq.wire.blob import Reassembler, Step, is_part
+from sagmq.wire.bus import Delivery, Handler, Settle, run_handler
 from sagmq.wire.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,40 +55,10 @@ def to_delivery(queue: str, method: Any, props: Any, body: bytes, generation: in
     )
 
 
-def dead_letter_headers(d: Delivery, reason: str) -> dict[str, Any]:
-    """The headers of a message's copy in the dead-letter queue: its own, and why it is there."""
-    headers = {k: v for k, v in d.headers.items() if k != "CC" and k != H_BLOB}
-    headers.update(
-        {
-            "x-sagmq-reason": reason[:2000],
-            "x-sagmq-queue": d.queue,
-            "x-sagmq-routing-key": d.routing_key,
-            "x-sagmq-original-type": d.msg_type,
-            "x-sagmq-original-user": d.user_id or "",
-            "x-sagmq-original-message-id": d.message_id or "",
-            "x-sagmq-dead-at": int(time.time() * 1000),  # AMQP tables take no floats
-        }
-    )
-    return headers
-
-
-class Settler(Protocol):
-    """What consuming needs of the bus."""
-
-    def ack(self, d: Delivery) -> None:
-        """Ack a delivery (all its parts)."""
-
-    def dead_letter(self, d: Delivery, reason: str) -> None:
-        """Copy a delivery to the dead-letter queue with the reason, then ack it."""
-
-    def broken(self) -> bool:
-        """Whether the bus's own connection or channel is gone."""
-
-
 class Consuming:
     """The consumers of a bus, the deliveries waiting for their handlers, and the blobs in assembly."""
 
-    def __init__(self, settings: Settings, bus: Settler) -> None:
+    def __init__(self, settings: Settings, bus: Settle) -> None:
         self.consumers: list[Consumer] = []
         self.inbox: deque[tuple[Consumer, Delivery]] = deque()
         self.blobs: Reassembler[Delivery] = Reassembler(settings.max_model_bytes, settings.max_body_bytes,
@@ -120,27 +88,8 @@ class Consuming:
                 self._handle(c, whole)
 
     def _handle(self, c: Consumer, d: Delivery) -> None:
-        if d.message_id and d.message_id in self._poison:
-            self._bus.dead_letter(d, self._poison.pop(d.message_id))
-            return
-        try:
-            c.handler(d)
-        except (DecodeError, Rejected) as e:
-            self._bus.dead_letter(d, str(e))
-            return
-        except BrokerRefused as e:  # its channel was replaced: it comes back, and is dead-lettered then
-            log.error("handling %s message %s: %s", d.msg_type, d.message_id, e)
-            if d.message_id:
-                self._poison[d.message_id] = f"handling it made the broker refuse an operation: {e}"
-            return
-        except Exception as e:
-            if self._bus.broken():
-                raise  # the connection went under the handler: reconnect, the message comes back
-            log.exception("handler for %s failed on %s message", c.queue, d.msg_type)
-            self._bus.dead_letter(d, f"internal error: {type(e).__name__}: {e}")
-            return
-        if not d.deferred:
-            self._bus.ack(d)
+        # a BrokerRefused replaced its channel: the message comes back, and is dead-lettered then
+        run_handler(c.handler, d, self._poison, self._bus)
 
     def _assemble(self, c: Consumer, d: Delivery) -> Delivery | None:
         """Add a blob part; the whole message once every part is in."""

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sagmq.memory.broker import REPLY_TO, Envelope, MemoryBroker
-from sagmq.wire.blob import H_BLOB, H_PART, Reassembler, is_part, split
-from sagmq.wire.bus import Bus, Delivery, Done, Handler
+from sagmq.wire.blob import H_PART, Reassembler, is_part, split
+from sagmq.wire.bus import Bus, Delivery, Done, Handler, dead_letter_headers, run_handler
 from sagmq.wire.codec import pack
-from sagmq.wire.errors import BrokerRefused, DecodeError, Rejected, RpcTimeout, SagmqError
+from sagmq.wire.errors import BrokerRefused, DecodeError, RpcTimeout, SagmqError
 from sagmq.wire.messages import SCHEMA_VERSION, Message, bulk_bytes
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import Names, Topology
@@ -325,26 +325,9 @@ class MemoryBus:
             if whole is None:
                 return
             d = whole
-        if d.message_id and d.message_id in self._poison:
-            self.dead_letter(d, self._poison.pop(d.message_id))
-            return
-        try:
-            c.handler(d)
-        except (DecodeError, Rejected) as e:
-            self.dead_letter(d, str(e))
-            return
-        except BrokerRefused as e:  # as RabbitMQ: the channel closes; the message comes back and goes then
-            log.error("handling %s message %s: %s", d.msg_type, d.message_id, e)
-            if d.message_id:
-                self._poison[d.message_id] = f"handling it made the broker refuse an operation: {e}"
-            self.reset(f"channel closed by the broker: {e}")
-            return
-        except Exception as e:  # a handler bug: dead-lettered once, the service goes on
-            log.exception("handler for %s failed on %s message", c.queue, d.msg_type)
-            self.dead_letter(d, f"internal error: {type(e).__name__}: {e}")
-            return
-        if not d.deferred:
-            self.ack(d)
+        refused = run_handler(c.handler, d, self._poison, self)
+        if refused is not None:  # as RabbitMQ: the channel closes; the message comes back and goes then
+            self.reset(f"channel closed by the broker: {refused}")
 
     def _assemble(self, c: _Consumer, d: Delivery) -> Delivery | None:
         """Add a blob part; the whole message (its parts held in .parts) once every part is in."""
@@ -401,22 +384,14 @@ class MemoryBus:
         elif how == "reject":
             self.broker.reject(u.consumer.queue, u.env)
 
+    def broken(self) -> bool:
+        """An in-memory bus never loses its connection by itself (reset() simulates it)."""
+        return False
+
     def dead_letter(self, d: Delivery, reason: str) -> None:
         """Log the reason, copy the message to P.dead with it, then ack the original."""
         self.dead_lettered += 1
-        log.warning("dead-lettering %s message from queue %s (user %s, job %s, round %s, site %s): %s",
-                    d.msg_type or "untyped", d.queue, d.user_id, d.header_str("job_id"), d.header_str("round"),
-                    d.header_str("site"), reason)
-        headers = {k: v for k, v in d.headers.items() if k not in ("CC", H_BLOB)}
-        headers.update({
-            "x-sagmq-reason": reason[:2000],
-            "x-sagmq-queue": d.queue,
-            "x-sagmq-routing-key": d.routing_key,
-            "x-sagmq-original-type": d.msg_type,
-            "x-sagmq-original-user": d.user_id or "",
-            "x-sagmq-original-message-id": d.message_id or "",
-            "x-sagmq-dead-at": int(time.time() * 1000),
-        })
+        headers = dead_letter_headers(d, reason)
         try:
             self.broker.publish(self._envelope(self.names.dead, "", d.body, "dead", headers))
         except SagmqError:  # never lose the message: the queue's own dead-letter exchange takes it

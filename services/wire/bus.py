@@ -23,15 +23,20 @@ The contract both keep:
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from sagmq.wire.errors import SagmqError
+from sagmq.wire.blob import H_BLOB
+from sagmq.wire.errors import BrokerRefused, DecodeError, Rejected, SagmqError
 from sagmq.wire.messages import Message, decode, from_wire
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import Names, Topology
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
@@ -197,3 +202,68 @@ class Bus(Protocol):
     def call_threadsafe(self, fn: Callable[[], None]) -> None:
         """Run fn on the bus's own thread at its next process() (the only cross-thread call)."""
         ...
+
+
+# --- the handler contract, kept by every implementation -----------------------------------------
+
+
+class Settle(Protocol):
+    """What running a handler needs of the bus that delivered the message."""
+
+    def ack(self, d: Delivery) -> None:
+        """Ack a delivery (all its parts)."""
+
+    def dead_letter(self, d: Delivery, reason: str) -> None:
+        """Copy a delivery to the dead-letter queue with the reason, then ack it."""
+
+    def broken(self) -> bool:
+        """Whether the bus's own connection or channel is gone (then a handler's error is not its bug)."""
+
+
+def run_handler(handler: Handler, d: Delivery, poison: dict[str, str], bus: Settle) -> BrokerRefused | None:
+    """Run handler on d as the module docstring says: ack after it returns (unless deferred);
+    DecodeError / Rejected dead-letter with their reason; any other exception dead-letters once as
+    an internal error, unless the bus itself broke under the handler (then it propagates, the bus
+    reconnects and the message comes back). A BrokerRefused is returned: the broker closed the
+    channel, so the message comes back, and is dead-lettered then (its id is kept in poison)."""
+    if d.message_id and d.message_id in poison:
+        bus.dead_letter(d, poison.pop(d.message_id))
+        return None
+    try:
+        handler(d)
+    except (DecodeError, Rejected) as e:
+        bus.dead_letter(d, str(e))
+        return None
+    except BrokerRefused as e:
+        log.error("handling %s message %s: %s", d.msg_type, d.message_id, e)
+        if d.message_id:
+            poison[d.message_id] = f"handling it made the broker refuse an operation: {e}"
+        return e
+    except Exception as e:
+        if bus.broken():
+            raise
+        log.exception("handler for %s failed on %s message", d.queue, d.msg_type)
+        bus.dead_letter(d, f"internal error: {type(e).__name__}: {e}")
+        return None
+    if not d.deferred:
+        bus.ack(d)
+    return None
+
+
+def dead_letter_headers(d: Delivery, reason: str) -> dict[str, Any]:
+    """The headers of a message's copy in the dead-letter queue: its own, and why it is there
+    (schemas/README.md lists them). Logs the reason, once per dead letter."""
+    log.warning("dead-lettering %s message from queue %s (user %s, job %s, round %s, site %s): %s",
+                d.msg_type or "untyped", d.queue, d.user_id, d.header_str("job_id"), d.header_str("round"),
+                d.header_str("site"), reason)
+    headers = {k: v for k, v in d.headers.items() if k not in ("CC", H_BLOB)}
+    headers.update({
+        "x-sagmq-reason": reason[:2000],
+        "x-sagmq-queue": d.queue,
+        "x-sagmq-routing-key": d.routing_key,
+        "x-sagmq-original-type": d.msg_type,
+        "x-sagmq-original-user": d.user_id or "",
+        "x-sagmq-original-message-id": d.message_id or "",
+        "x-sagmq-dead-at": int(time.time() * 1000),  # AMQP tables take no floats
+    })
+    return headers
