@@ -110,10 +110,19 @@ class AggregatorService:
         bus.on_reconnect.append(self.forget_unacked)
 
     def start(self) -> None:
-        """Consume the control queue and the results queue (unlimited prefetch: acks are held)."""
+        """Consume the control queue and the results queue, each with a bounded prefetch (prefetch 0 let a
+        flood of junk pull the whole backlog into memory)."""
         n = self.bus.names
-        self.bus.consume(n.aggregator_queue, self.on_control, prefetch=0)
-        self.bus.consume(n.results_queue, self.on_result, prefetch=0, stream=True)
+        # held per round until its aggregate is confirmed: its round.open and round.close, for the round
+        # open and one whose aggregate waits for a retry
+        self.bus.consume(n.aggregator_queue, self.on_control, prefetch=64)
+        # held per round: every accepted result (one delivery, or its parts, bodies dropped once added) and
+        # the early ones. The window fits 16 results of the largest size (SAGMQ_MAX_MODEL_BYTES /
+        # SAGMQ_CHUNK_BYTES parts each) and 1024 small ones; a round that needs more closes by the round's
+        # rules (min_clients and its wait, or train_timeout) with the results that got in. Junk is acked as it
+        # is handled.
+        self.bus.consume(n.results_queue, self.on_result, prefetch=self.s.prefetch_for(blobs=16, slack=1024),
+                         stream=True)
 
     def run(self) -> None:
         """Serve until stopped."""

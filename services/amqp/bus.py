@@ -31,7 +31,7 @@ from sagmq.wire.bus import Delivery, Done, Handler, dead_letter_headers
 from sagmq.wire.errors import BrokerRefused, SagmqError
 from sagmq.wire.messages import Message
 from sagmq.wire.settings import Settings
-from sagmq.wire.topology import Names, Topology
+from sagmq.wire.topology import Names, Queue, Topology, arguments_advice
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,27 @@ class AmqpBus:
         for ex in topo.exchanges:
             ch.sync("exchange_declare", ex.name, ex.type, durable=True)
         for q in topo.queues:
-            ch.sync("queue_declare", q.name, durable=True, arguments=q.arguments)
+            if q.tolerant:
+                self._declare_tolerant(q)
+            else:
+                ch.sync("queue_declare", q.name, durable=True, arguments=q.arguments)
         for b in topo.bindings:
             ch.sync("queue_bind", b.queue, b.exchange, routing_key=b.routing_key)
+
+    def _declare_tolerant(self, q: Queue) -> None:
+        """Declare a queue whose arguments changed since the first release on a channel of its own: on an
+        existing queue with other arguments the broker refuses (406 PRECONDITION_FAILED) and closes that
+        channel, not the main one. The queue is then used as it is, and the log says how to apply them."""
+        side = self._live_link().channel()
+        try:
+            side.sync("queue_declare", q.name, durable=True, arguments=q.arguments)
+        except px.ChannelClosedByBroker as e:
+            if e.reply_code != 406:
+                raise
+            log.warning("%s", arguments_advice(q, f"{e.reply_code} {e.reply_text}"))
+        finally:
+            if side.is_open:
+                side.ch.close()
 
     def delete(self, topo: Topology) -> None:
         """Delete a topology's queues and exchanges."""
@@ -380,22 +398,30 @@ class AmqpBus:
             self._written(0)
 
     def dead_letter(self, d: Delivery, reason: str) -> None:
-        """Log the reason, copy the message to P.dead with it, then ack the original."""
+        """Log the reason, copy the message to P.dead with it, and ack the original once the copy is
+        confirmed. The copy does not wait for its confirm (it is a send): a flood of junk is
+        dead-lettered at the broker's pace, not one round trip and disk sync per message. A copy that
+        the connection's loss leaves unconfirmed is let go: the original comes back and is copied again."""
         self.dead_lettered += 1
+        d.deferred = True  # acked (or rejected) when the copy is settled
         props = self.properties("dead", dead_letter_headers(d, reason))
-        try:
-            self.publish_raw(self.names.dead, "", d.body, props)
-        except CONNECTION_ERRORS:
-            raise
-        except Exception:  # never lose the message: let the queue's own DLX take it, reason logged above
-            log.exception("could not copy the message to %s; rejecting it to the queue's dead-letter exchange",
-                          self.names.dead)
+        body = d.body
+
+        def settled(err: SagmqError | None) -> None:
+            if err is None:
+                self.ack(d)
+                return
+            # never lose the message: let the queue's own DLX take it, reason logged above
+            log.error("could not copy the message to %s (%s); rejecting it to the queue's dead-letter exchange",
+                      self.names.dead, err, extra={"rate_kind": f"dead-letter copy {d.queue}"})
             for p in d.parts or [d]:
                 ch = self._acks_to(p)
                 if ch is not None:
                     ch.ch.basic_nack(p.tag, requeue=False)
-            return
-        self.ack(d)
+
+        self.sender.add(Send(self.names.dead, "", lambda: iter(((body, props),)), True, settled,
+                             f"dead letter from {d.queue!r}", retain=False))
+        self._pump_safe()
 
     def expire_blobs(self) -> None:
         """Dead-letter blobs whose missing parts did not come within chunk_timeout_s."""
@@ -465,14 +491,16 @@ class AmqpBus:
     def reply(self, request: Delivery, msg: Message) -> None:
         """Answer an RPC request on its reply_to queue with its correlation_id."""
         if not request.reply_to:
-            log.warning("request %s has no reply_to; reply dropped", request.message_id)
+            log.warning("request %s has no reply_to; reply dropped", request.message_id,
+                        extra={"rate_kind": f"no reply_to {request.queue}"})  # one a junk message
             return
         try:
             # Not mandatory: RabbitMQ 3.10 returns direct reply-to publishes as NO_ROUTE even when delivered.
             self.publish("", request.reply_to, msg, correlation_id=request.correlation_id, mandatory=False,
                          persistent=False)
         except SagmqError as e:  # the requester left; nothing else to do
-            log.warning("reply to %s not delivered: %s", request.reply_to, e)
+            log.warning("reply to %s not delivered: %s", request.reply_to, e,
+                        extra={"rate_kind": f"reply lost {request.queue}"})
 
     def rpc(self, exchange: str, routing_key: str, msg: Message, timeout_s: float) -> Delivery:
         """Send a request and wait for its reply over direct reply-to; retried once after a lost connection."""

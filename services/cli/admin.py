@@ -1,7 +1,14 @@
-"""Admin requests over the broker (RPC with reply_to and correlation_id)."""
+"""Admin requests over the broker (RPC with reply_to and correlation_id).
+
+A request carries the CLI's timeout as its expiration: one nobody answered in time is waited for
+by nobody. The server's admin queue drops it when it expires. The persistor's queue (which takes
+download requests beside its work) dead-letters what expires, so a download is sent only once a
+persistor consumes that queue: an outage then adds nothing to the dead-letter queue.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sagmq.amqp import AmqpBus
@@ -10,6 +17,8 @@ from sagmq.wire.messages import AdminReply, AdminRequest
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import RK_ADMIN_PERSISTOR, RK_ADMIN_SERVER, service_topology
 
+NOT_FOUND = 404
+
 
 class AdminClient:
     """Sends admin commands to the server (and download to the persistor)."""
@@ -17,7 +26,7 @@ class AdminClient:
     def __init__(self, settings: Settings, connect_timeout_s: float = 5.0) -> None:
         self.s = settings
         self.bus = AmqpBus(settings, "admin", connect_timeout_s=connect_timeout_s).connect()
-        self.bus.declare(service_topology(settings.prefix))
+        self.bus.declare(service_topology(settings.prefix, settings))
 
     def close(self) -> None:
         """Close the connection."""
@@ -28,8 +37,11 @@ class AdminClient:
         """Send one command and return the reply; raise SagmqError if it failed."""
         timeout = self.s.rpc_timeout_s if timeout_s is None else timeout_s
         req = AdminRequest(command, args or {}, files or {})
+        deadline = time.monotonic() + timeout
+        if to == RK_ADMIN_PERSISTOR:
+            self._wait_for_consumer(self.bus.names.persistor_queue, "sagmq persistor", deadline)
         try:
-            d = self.bus.rpc(self.bus.names.admin, to, req, timeout)
+            d = self.bus.rpc(self.bus.names.admin, to, req, max(0.1, deadline - time.monotonic()))
         except RpcTimeout as e:
             who = "sagmq server" if to == RK_ADMIN_SERVER else "sagmq persistor"
             raise SagmqError(f"{e}: is `{who}` running with SAGMQ_PREFIX={self.s.prefix}?") from e
@@ -37,6 +49,23 @@ class AdminClient:
         if not reply.ok:
             raise SagmqError(reply.error)
         return reply
+
+    def consumers(self, queue: str) -> int:
+        """How many consumers a queue has (0 if it does not exist), from a passive declare."""
+        try:
+            return int(self.bus.channel.queue_declare(queue, passive=True).method.consumer_count)
+        except Exception as e:  # pika's ChannelClosedByBroker; only the bus may import pika
+            if getattr(e, "reply_code", None) == NOT_FOUND:
+                return 0
+            raise
+
+    def _wait_for_consumer(self, queue: str, who: str, deadline: float) -> None:
+        """Wait until deadline for a consumer of queue (a service restarting), else fail without sending."""
+        while self.consumers(queue) == 0:
+            if time.monotonic() >= deadline:
+                raise SagmqError(f"nobody consumes {queue}: is `{who}` running with SAGMQ_PREFIX={self.s.prefix}? "
+                                 f"The request was not sent")
+            time.sleep(0.2)
 
     def submit(self, files: dict[str, bytes]) -> str:
         """Submit a job folder's files; the new job's id."""

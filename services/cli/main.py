@@ -132,9 +132,11 @@ def cmd_shutdown(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_dead(s: Settings, a: argparse.Namespace) -> int:
-    """`sagmq dead`: list or show dead-lettered messages."""
-    from sagmq.cli.dead import dead_list, dead_show
+    """`sagmq dead`: list, show or purge dead-lettered messages."""
+    from sagmq.cli.dead import dead_list, dead_purge, dead_show
 
+    if a.action == "purge":
+        return dead_purge(s)
     if a.action == "show":
         if not a.id:
             raise SagmqError("dead show needs the message ID (see `sagmq dead list`)")
@@ -193,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sagmq.cli.bench import add_parser as add_bench
 
     add_bench(sub)
-    sp = sub.add_parser("dead", help="list dead-lettered messages and why, or show one")
-    sp.add_argument("action", choices=["list", "show"])
+    sp = sub.add_parser("dead", help="list dead-lettered messages and why, show one, or purge them all")
+    sp.add_argument("action", choices=["list", "show", "purge"])
     sp.add_argument("id", nargs="?", help="message id (for show)")
     sp.add_argument("--limit", type=int, default=1000, help="read at most this many messages")
     sp = sub.add_parser("poc", help="run server, aggregator, persistor and N clients locally and run a job")

@@ -19,9 +19,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 import numpy as np
 
@@ -138,18 +139,31 @@ class NPModelPersistor:
         """meta.json or history.json of the job."""
         atomic_write(self.job_dir / name, json.dumps(obj, indent=2, default=str).encode())
 
-    def merge_history(self, records: list[dict[str, Any]]) -> None:
-        """Merge round records into the job's history (a record replaces the one of the same round).
-        history.json is rewritten at once if it was not in the last HISTORY_EVERY_S, else by
-        flush_history: a job of many short rounds does not rewrite a growing file every round."""
-        by_round = self._history
-        if by_round is None:
-            by_round = self._history = {h.get("round"): h for h in self._read_history()}
+    def merge_history(self, records: Iterable[Any], at_once: bool = False) -> None:
+        """Merge round records (maps; anything else is skipped) into the job's history, by round: a record
+        replaces its round's only if it supersedes it (see supersedes), so a stale or shorter copy (a
+        restarted server's) never removes or downgrades a round. history.json is rewritten at once if at_once (a job's end) or if it was
+        not in the last HISTORY_EVERY_S, else by flush_history: a job of many short rounds does not
+        rewrite a growing file every round."""
+        by_round = self._records()
         for h in records:
-            by_round[h.get("round")] = h
+            if not isinstance(h, dict):
+                continue
+            old = by_round.get(h.get("round"))
+            if old is None or supersedes(h, old):
+                by_round[h.get("round")] = h
         self._dirty = True
-        if time.monotonic() - self._history_written >= HISTORY_EVERY_S:
+        if at_once or time.monotonic() - self._history_written >= HISTORY_EVERY_S:
             self.flush_history()
+
+    def history(self) -> list[dict[str, Any]]:
+        """The job's round records, by round (what history.json holds, or will at the next flush)."""
+        return sorted(self._records().values(), key=lambda h: (h.get("round") is None, h.get("round") or 0))
+
+    def _records(self) -> dict[Any, dict[str, Any]]:
+        if self._history is None:
+            self._history = {h.get("round"): h for h in self._read_history()}
+        return self._history
 
     def _read_history(self) -> list[dict[str, Any]]:
         path = self.job_dir / "history.json"
@@ -158,12 +172,6 @@ class NPModelPersistor:
         except (OSError, ValueError):
             old = []  # a damaged file is rewritten from what comes next (the job's end sends it whole)
         return [h for h in old if isinstance(h, dict)] if isinstance(old, list) else []
-
-    def replace_history(self, records: list[dict[str, Any]]) -> None:
-        """The job's whole history (sent with its end): written at once."""
-        self._history = {h.get("round"): h for h in records if isinstance(h, dict)}
-        self._dirty = True
-        self.flush_history()
 
     def flush_history(self) -> None:
         """Write history.json if records came since it was written."""
@@ -184,6 +192,25 @@ class NPModelPersistor:
             for p in sorted(self.job_dir.rglob("*"))
             if p.is_file() and not p.name.startswith(".")
         }
+
+
+def supersedes(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Whether a round's record `new` should replace `old`: it records a later run of the round (another
+    task that started later: a resumed job ran an unsaved round again), or the same run at least as
+    completely (as many known keys: a record sent with a round's save lacks done_at and saved_at, which
+    the job's end brings; the persistor's own note of a round has fewer keys than the server's record)."""
+    t_new, t_old = new.get("started_at"), old.get("started_at")
+    if new.get("task_id") != old.get("task_id") and _is_time(t_new) and _is_time(t_old):
+        return t_new >= t_old
+    return _known(new) >= _known(old)
+
+
+def _is_time(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _known(record: dict[str, Any]) -> int:
+    return sum(v is not None for v in record.values())
 
 
 def _find_last(root: Path) -> tuple[int, str, str] | None:

@@ -93,7 +93,7 @@ def serve(name: str, build: Callable[[Settings, Bus], Service], argv: list[str] 
         keep_freed_memory()
     bus = AmqpBus(settings, f"{name}-{site}" if site else name).connect()
     if service_topology_too:
-        bus.declare(service_topology(settings.prefix))
+        bus.declare(service_topology(settings.prefix, settings))
     svc = build(settings, bus)
     install_stop_signals(svc.stop)
     try:

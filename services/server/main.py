@@ -175,7 +175,15 @@ class ServerService:
     def run(self) -> None:
         """Serve until stopped; resume a job that was running when the server stopped."""
         n = self.names
-        self.bus.consume(n.server_queue, self.on_event, prefetch=0)  # aggregates come in held parts
+        # A bounded prefetch: the server holds at most this many messages unread or unacked, where prefetch 0
+        # let a flood of junk pull the whole backlog into its memory. Parts of a large aggregate or
+        # model.loaded stay unacked until the whole is in (their bodies are copied into the assembly and
+        # dropped), so the window fits two of the largest (SAGMQ_MAX_MODEL_BYTES / SAGMQ_CHUNK_BYTES parts
+        # each: a redelivered aggregate beside a model.loaded after a restart); a smaller window would stall
+        # their assembly until SAGMQ_CHUNK_TIMEOUT_S. The 32 more keep heartbeats, contributions and junk
+        # (acked as it is handled) flowing past them. In bytes the window holds at most its count times the
+        # largest message: SAGMQ_MAX_MODEL_BYTES set near the real model's size keeps that small.
+        self.bus.consume(n.server_queue, self.on_event, prefetch=self.s.prefetch_for(blobs=2, slack=32))
         self.bus.consume(n.server_admin_queue, self.on_admin, prefetch=1)
         for job in sorted(self.jobs.values(), key=lambda j: j.submitted_at):
             if job.status == RUNNING:
@@ -224,11 +232,16 @@ class ServerService:
     # --- job lifecycle ----------------------------------------------------------------
 
     def _publish_job_event(self, job: Job, spec: JobSpec | None = None, ordered: bool = False) -> None:
+        """The job's status, meta and, once it ended, its history, for the persistor (which merges the
+        history by round). A running job's event carries none: a restarted server's copy lags (jobs.json
+        is written at most once a second) and may hold rounds that run again; the whole history goes with
+        the first save after its model loads."""
         meta: dict[str, Any] = {"submitted_at": job.submitted_at, "started_at": job.started_at, "finished_at": job.finished_at}
         if spec is not None:
             meta.update({"deploy_map": spec.deploy_map, "min_clients": spec.min_clients,
                          "num_rounds": spec.sag.num_rounds, "start_round": spec.sag.start_round})
-        ev = JobEvent(job.job_id, job.name, job.status, job.reason, meta, job.history)
+        history = job.history if job.status in ENDED else []
+        ev = JobEvent(job.job_id, job.name, job.status, job.reason, meta, history)
         if ordered:  # behind a send (a model.commit), on the same channel
             self.bus.send(self.names.events, rk_job(job.status), ev, headers={"job_id": job.job_id})
         else:
@@ -241,8 +254,8 @@ class ServerService:
             job.started_at = time.time()
         now = time.monotonic()
         sag = ScatterAndGather(
-            job.job_id, spec, client_timeout_s=self.s.client_timeout_s, heartbeat_s=self.s.heartbeat_s,
-            schedule_timeout_s=self.s.schedule_timeout_s, forward_min_bytes=self.s.forward_min_bytes,
+            job.job_id, spec, heartbeat_s=self.s.heartbeat_s, schedule_timeout_s=self.s.schedule_timeout_s,
+            forward_min_bytes=self.s.forward_min_bytes,
             wall_offset=time.time() - now, history=[RoundRecord.from_dict(h) for h in job.history],
         )
         run = self.run_ = Run(job, sag)
@@ -453,6 +466,7 @@ class ServerService:
         out = {**job.summary(), "history": job.history[start:], "history_from": start}
         if run is not None:
             out["phase"] = run.sag.phase.value
+            out["waiting_for"] = run.sag.waiting_for(time.monotonic())
             out["open_round"] = run.sag.record.to_dict() if run.sag.record is not None else {}
         return AdminReply(True, out)
 

@@ -41,10 +41,15 @@ Ordering rules (the effects come in this order; the adapter keeps it on one send
 No phase waits without a retry or a limit: WAITING fails after schedule_timeout_s; TRAINING
 closes by the round rules and re-sends the whole task, once a round, to a target that came back
 (a new process since the round opened: a site acks its task on arrival, so a restart loses it),
-owes an answer and has been idle for ``idle_grace_s`` (max(client_timeout_s, 3 * heartbeat_s));
-AGGREGATING re-sends round.close every ROUND_CLOSE_RESEND_S; LOADING and SAVING re-send
-model.load / the final model (as a whole model.save) once after persistor_retry_s (60 s) and
-fail the job after persistor_timeout_s (600 s).
+owes an answer and has been idle for ``idle_grace_s`` (RETURNED_IDLE_HEARTBEATS = 3 heartbeats,
+whatever client_timeout_s is: a new process cannot be running the task its predecessor took, and
+a task still in its queue reaches it, and shows in its heartbeat as busy, within a heartbeat or
+two; a site back before it was missed must not wait for train_timeout); AGGREGATING re-sends
+round.close every ROUND_CLOSE_RESEND_S; LOADING and SAVING re-send model.load / the final model
+(as a whole model.save) once after persistor_retry_s (60 s) and fail the job after
+persistor_timeout_s (600 s). While the persistor reports that its disk refuses a save (model.saved
+with an error), SAVING sends nothing again: the persistor retries, and gives up by itself (the job
+then fails with its error); the 600 s count from its last report.
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ ROUND_CLOSE_RESEND_S = 5.0
 # and a resend of one costs as much again.
 PERSISTOR_RETRY_S = 60.0
 PERSISTOR_TIMEOUT_S = 600.0
+# A target that came back as a new process and heartbeats idle this many heartbeats gets its task
+# again: a task still in its queue would have reached it (and made it busy) by then.
+RETURNED_IDLE_HEARTBEATS = 3
 
 
 class Phase(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11; the package supports 3.10)
@@ -328,12 +336,26 @@ class _Round:
 # --- the workflow ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class PersistorTrouble:
+    """What the persistor last said of a save its disk refuses (a model.saved with an error)."""
+
+    round: int
+    error: str
+    retrying_s: float  # how long it had been retrying when it said so
+    heard_at: float
+
+    def describe(self, now: float) -> str:
+        """As `sagmq status` shows it."""
+        return f"persistor: {self.error} (retrying since {self.retrying_s + now - self.heard_at:.0f} s)"
+
+
 class ScatterAndGather:
     """One job's rounds: the global model, the open round, the history, and the protocol plan."""
 
-    def __init__(self, job_id: str, spec: JobSpec, *, client_timeout_s: float, heartbeat_s: float,
-                 schedule_timeout_s: float, forward_min_bytes: int, wall_offset: float = 0.0,
-                 history: Iterable[RoundRecord] = (), generator: FullModelShareableGenerator | None = None,
+    def __init__(self, job_id: str, spec: JobSpec, *, heartbeat_s: float, schedule_timeout_s: float,
+                 forward_min_bytes: int, wall_offset: float = 0.0, history: Iterable[RoundRecord] = (),
+                 generator: FullModelShareableGenerator | None = None,
                  persistor_retry_s: float = PERSISTOR_RETRY_S,
                  persistor_timeout_s: float = PERSISTOR_TIMEOUT_S) -> None:
         self.job_id = job_id
@@ -343,8 +365,9 @@ class ScatterAndGather:
         self.forward_min_bytes = forward_min_bytes
         self.heartbeat_s = heartbeat_s
         # a target that came back and has been idle this long gets the whole task again (once a round):
-        # long enough for a task still in its queue to reach it, and for a result to reach us
-        self.idle_grace_s = max(client_timeout_s, 3 * heartbeat_s)
+        # long enough for a task still in its queue to reach it; not client_timeout_s, as the site never
+        # goes silent (a container restarted within a second)
+        self.idle_grace_s = RETURNED_IDLE_HEARTBEATS * heartbeat_s
         self.wall_offset = wall_offset
         self.persistor_retry_s = persistor_retry_s
         self.persistor_timeout_s = persistor_timeout_s
@@ -367,6 +390,7 @@ class ScatterAndGather:
         self._committed_at = -1e9  # when the last model.commit or model.save went
         self._final: ModelCommit | ModelSave | None = None  # the final round's save, while SAVING
         self._retried = False  # model.load or the final save went again in this phase
+        self.persistor_trouble: PersistorTrouble | None = None  # the persistor's disk refuses a save: why
 
     # --- views -------------------------------------------------------------------------------
 
@@ -389,6 +413,24 @@ class ScatterAndGather:
         """The job's round records as plain dicts."""
         return [h.to_dict() for h in self.history]
 
+    def waiting_for(self, now: float) -> str:
+        """What the job waits for, in words (`sagmq status`); the persistor's disk error while it retries one."""
+        trouble = self.persistor_trouble
+        if trouble is not None and self.phase == Phase.SAVING:
+            return trouble.describe(now)
+        rnd = self._round
+        text = {
+            Phase.LOADING: "persistor: the job's model (model.loaded)",
+            Phase.WAITING: f"sites: min_clients={self.sag.min_clients} alive ({len(self._alive)} are)",
+            Phase.TRAINING: f"sites: results of round {self.round} from {', '.join(rnd.outstanding()) if rnd else ''}",
+            Phase.AGGREGATING: f"aggregator: the aggregate of round {self.round}",
+            Phase.SAVING: f"persistor: model.saved of the final round {self.round}",
+        }.get(self.phase)
+        if text is None:
+            return ""
+        text += f" (for {now - self.phase_since:.0f} s)"
+        return text if trouble is None else f"{text}; {trouble.describe(now)}"
+
     # --- events ------------------------------------------------------------------------------
 
     def start(self, now: float, alive: Collection[str] = ()) -> Effects:
@@ -406,13 +448,29 @@ class ScatterAndGather:
         self.weights = {k: v if v.flags.writeable else np.array(v) for k, v in m.dxo.data.items()}
         resume = m.next_round if m.source == "saved" and m.next_round >= 0 else None
         self.round = self.sag.start_round if resume is None else resume
-        # rounds after the last saved one will run again: forget what was recorded of them
-        self.history = [h for h in self.history if h.round < self.round]
+        # rounds after the last saved one will run again: forget what was recorded of them; the persistor's
+        # records fill the earlier rounds this server's copy lacks (jobs.json lags the rounds), and the
+        # next save sends the persistor the whole history back
+        self.history = self._history_before(self.round, m.history)
         self._history_sent = 0
         log.info("job %s: model loaded from %s; starting at round %d", self.job_id, m.source, self.round)
         if self.round > self.last_round:
             return self._end(FINISHED, "", now)
         return self._open_round(now)
+
+    def _history_before(self, r: int, theirs: Iterable[Mapping[str, Any]]) -> list[RoundRecord]:
+        """The records of the rounds before r, one per round: this server's own, else the persistor's."""
+        by_round = {h.round: h for h in self.history if h.round < r}
+        for d in theirs:
+            try:
+                rec = RoundRecord.from_dict(d)
+            except (AttributeError, KeyError, TypeError, ValueError) as e:  # whatever history.json held
+                log.warning("job %s: ignoring a round record the persistor sent: %s: %s", self.job_id,
+                            type(e).__name__, e)
+                continue
+            if rec.round < r:
+                by_round.setdefault(rec.round, rec)
+        return sorted(by_round.values(), key=lambda h: h.round)
 
     def on_contribution(self, c: Contribution, now: float) -> Effects:
         """The aggregator's verdict on a site's result."""
@@ -471,13 +529,33 @@ class ScatterAndGather:
         return self._persist_and_advance(m, ours, now)
 
     def on_saved(self, m: ModelSaved, now: float) -> Effects:
-        """The persistor saved rounds up to m.round (it confirms several at once, at most once a second)."""
+        """The persistor saved rounds up to m.round (it confirms several at once, at most once a second);
+        with an error, its disk refused the round's save, which it retries (or gave up on: the job fails)."""
+        if m.error:
+            return self._save_refused(m, now)
+        if self.persistor_trouble is not None and m.round >= self.persistor_trouble.round:
+            log.info("job %s: the persistor saves again (round %d is on disk)", self.job_id, m.round)
+            self.persistor_trouble = None
         wall = self._wall(now)
         for h in self.history:
             if h.round <= m.round and h.saved_at is None:
                 h.saved_at = wall
         if self.phase == Phase.SAVING and m.round == self.round:
             return self._advance(now)
+        return []
+
+    def _save_refused(self, m: ModelSaved, now: float) -> Effects:
+        """The persistor's disk refuses a save: `sagmq status` shows it while the persistor retries; the job
+        fails with the persistor's error once it gives up (SAGMQ_PERSIST_RETRY_LIMIT_S)."""
+        if self.phase == Phase.DONE:
+            return []
+        old = self.persistor_trouble
+        if old is None or old.error != m.error:
+            log.warning("job %s: the persistor cannot save round %d and retries: %s", self.job_id, m.round, m.error)
+        self.persistor_trouble = PersistorTrouble(m.round, m.error, m.retrying_s, now)
+        if m.gave_up:
+            return self._end(FAILED, f"round {m.round}: the persistor could not save the model and gave up after "
+                                     f"retrying for {m.retrying_s:.0f} s: {m.error}", now)
         return []
 
     def on_persist_failed(self, rnd: int, error: str, now: float) -> Effects:
@@ -575,6 +653,8 @@ class ScatterAndGather:
         """LOADING waits for model.loaded, SAVING for model.saved: send once more, then give up."""
         waited = now - self.phase_since
         loading = self.phase == Phase.LOADING
+        if not loading and self.persistor_trouble is not None:
+            return self._tick_refused_save(self.persistor_trouble, now)
         if waited >= self.persistor_timeout_s:
             if loading:
                 return self._end(FAILED, f"the persistor sent no model within {self.persistor_timeout_s:g} s "
@@ -592,6 +672,16 @@ class ScatterAndGather:
         if loading:
             return [LoadModel(self._load_request())]
         return [Persist(self._final_save_again())]
+
+    def _tick_refused_save(self, trouble: PersistorTrouble, now: float) -> Effects:
+        """SAVING while the persistor retries a save its disk refuses: the final model sent again would only
+        queue behind it. The persistor gives up by itself; this limit counts from its last word (it
+        reports every few seconds), in case it died meanwhile."""
+        silent = now - max(self.phase_since, trouble.heard_at)
+        if silent < self.persistor_timeout_s:
+            return []
+        return self._end(FAILED, f"round {self.round}: the persistor did not confirm the final model and has said "
+                                 f"nothing for {silent:.0f} s since: {trouble.error}", now)
 
     # --- rounds ------------------------------------------------------------------------------
 

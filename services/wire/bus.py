@@ -242,7 +242,8 @@ def run_handler(handler: Handler, d: Delivery, poison: dict[str, str], bus: Sett
     except Exception as e:
         if bus.broken():
             raise
-        log.exception("handler for %s failed on %s message", d.queue, d.msg_type)
+        log.exception("handler for %s failed on %s message", d.queue, d.msg_type,
+                      extra={"rate_kind": f"handler bug {d.queue} {type(e).__name__}"})
         bus.dead_letter(d, f"internal error: {type(e).__name__}: {e}")
         return None
     if not d.deferred:
@@ -252,10 +253,12 @@ def run_handler(handler: Handler, d: Delivery, poison: dict[str, str], bus: Sett
 
 def dead_letter_headers(d: Delivery, reason: str) -> dict[str, Any]:
     """The headers of a message's copy in the dead-letter queue: its own, and why it is there
-    (schemas/README.md lists them). Logs the reason, once per dead letter."""
+    (schemas/README.md lists them). Logs the reason; a flood of junk from one user into one queue
+    would write a line per message, so the line names its kind, which the services' log handler
+    rate-limits (sagmq.runtime.logs: the first line, then at most one per 10 s with a count)."""
     log.warning("dead-lettering %s message from queue %s (user %s, job %s, round %s, site %s): %s",
                 d.msg_type or "untyped", d.queue, d.user_id, d.header_str("job_id"), d.header_str("round"),
-                d.header_str("site"), reason)
+                d.header_str("site"), reason, extra={"rate_kind": f"dead-letter {d.queue} {d.user_id}"})
     headers = {k: v for k, v in d.headers.items() if k not in ("CC", H_BLOB)}
     headers.update({
         "x-sagmq-reason": reason[:2000],

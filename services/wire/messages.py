@@ -313,7 +313,8 @@ class ModelLoad(Message):
 
 @dataclass(frozen=True, slots=True)
 class ModelLoaded(Message):
-    """The persistor's answer to model.load; next_round > start means a resumed job."""
+    """The persistor's answer to model.load; next_round > start means a resumed job, and history then
+    carries the round records the persistor holds (the server fills the rounds its own copy lacks)."""
 
     TYPE: ClassVar[str] = "model.loaded"
     job_id: str
@@ -321,6 +322,7 @@ class ModelLoaded(Message):
     dxo: DXO | None
     next_round: int = -1
     error: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,12 +358,16 @@ class ModelCommit(Message):
 
 @dataclass(frozen=True, slots=True)
 class ModelSaved(Message):
-    """The persistor saved a round's model durably (written, fsynced, renamed)."""
+    """The persistor saved a round's model durably (written, fsynced, renamed); or, with an error, it
+    could not: the disk refused the write, and the persistor retries it (or gave up, and the job fails)."""
 
     TYPE: ClassVar[str] = "model.saved"
     job_id: str
     round: int
     path: str
+    error: str = ""  # non-empty: the round is NOT on disk; the I/O error the persistor keeps retrying
+    retrying_s: float = 0.0  # with an error: how long the persistor has been retrying
+    gave_up: bool = False  # with an error: retried past SAGMQ_PERSIST_RETRY_LIMIT_S; the job fails
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,10 +50,28 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_server_name: str = ""
+    # the dead-letter queue's bounds (queue arguments, fixed when the queue is created; see topology.py):
+    # at most this many messages and bytes, the oldest dropped first, each kept at most this long (0: no limit)
+    dead_max_length: int = 10_000
+    dead_max_bytes: int = 2**30
+    dead_ttl_s: float = 7 * 86_400.0
+    # persistor: how long a save the disk refuses is retried before the job fails with the disk's error
+    persist_retry_limit_s: float = 300.0
     # pika's internals for speed (sagmq.amqp.fastpath), where this pika has them; SAGMQ_PIKA_FASTPATH=0
     # turns them off. The default is read from the environment even for a Settings built in code
     # (tests, tools), so the switch reaches every bus of a process.
     pika_fastpath: bool = field(default_factory=lambda: _bool(os.environ, "SAGMQ_PIKA_FASTPATH", True))
+
+    @property
+    def max_parts(self) -> int:
+        """The parts of the largest multi-part message a service accepts, its header part included:
+        a consumer that holds parts until the whole message is in needs a prefetch of at least this."""
+        return math.ceil(self.max_model_bytes / self.chunk_bytes) + 1
+
+    def prefetch_for(self, blobs: int, slack: int) -> int:
+        """A consumer prefetch with room for `blobs` of the largest multi-part messages held unacked until
+        whole, and `slack` messages besides (AMQP caps a prefetch at 65535)."""
+        return min(65535, blobs * self.max_parts + slack)
 
     @property
     def amqp_user(self) -> str:
@@ -151,6 +169,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tls_cert_file=_file(env, "SAGMQ_TLS_CERT_FILE"),
         tls_key_file=_file(env, "SAGMQ_TLS_KEY_FILE"),
         tls_server_name=env.get("SAGMQ_TLS_SERVER_NAME") or "",
+        dead_max_length=int(_float(env, "SAGMQ_DEAD_MAX_LENGTH", 10_000, 0)),
+        dead_max_bytes=int(_float(env, "SAGMQ_DEAD_MAX_BYTES", 2**30, 0)),
+        dead_ttl_s=_float(env, "SAGMQ_DEAD_TTL_S", 7 * 86_400.0, 0.0),
+        persist_retry_limit_s=_float(env, "SAGMQ_PERSIST_RETRY_LIMIT_S", 300.0, 0.0),
         pika_fastpath=_bool(env, "SAGMQ_PIKA_FASTPATH", True),
     )
 

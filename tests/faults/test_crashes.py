@@ -43,7 +43,8 @@ def test_client_killed_mid_round_rejoins_next_round(system: System, tmp_path: Pa
     st = system.wait_job(job_id, 60)
     assert st["status"] == "finished", st
     rounds_once(st, 3)
-    assert st["history"][0]["aggregated"] == ["site-1"]
+    # back while round 0 waits, site-2 may get its task again there (after 3 heartbeats idle) or not
+    assert sorted(st["history"][0]["aggregated"]) in (["site-1"], ["site-1", "site-2"]), st["history"]
     assert all(sorted(h["aggregated"]) == ["site-1", "site-2"] for h in st["history"][1:]), st["history"]
     np.testing.assert_array_equal(model(system, job_id), BASE + 3)
 

@@ -53,16 +53,70 @@ def test_a_download_and_the_jobs_end_see_every_record(tmp_path: Path) -> None:
     st.merge_history([{"round": 1}])
     assert json.loads(st.files()["history.json"]) == [{"round": 0}, {"round": 1}]
     st.merge_history([{"round": 2}])
-    st.replace_history([{"round": 0, "final": True}])  # the job's end sends it whole
-    assert history(tmp_path) == [{"round": 0, "final": True}]
+    st.merge_history([{"round": 0, "final": True}], at_once=True)  # the job's end: written at once
+    assert history(tmp_path) == [{"round": 0, "final": True}, {"round": 1}, {"round": 2}]
+    assert st.history() == history(tmp_path)
 
 
 def test_history_resumes_from_the_file_after_a_restart(tmp_path: Path) -> None:
-    make(tmp_path).replace_history([{"round": 0}, {"round": 1}])
+    make(tmp_path).merge_history([{"round": 0}, {"round": 1}], at_once=True)
     st = make(tmp_path)  # a new persistor process
+    assert [h["round"] for h in st.history()] == [0, 1]  # what a resumed job's model.loaded carries
     st.merge_history([{"round": 2}])
     st.flush_history()
     assert [h["round"] for h in history(tmp_path)] == [0, 1, 2]
+
+
+# --- merging by round (issue 11, failure 2: a restarted server's stale history) -----------------------
+
+SAVED = {"round": 2, "task_id": "t2", "targets": ["a", "b"], "accepted": ["a", "b"], "rejected": [],
+         "started_at": 10.0, "close_reason": "all 2 targets answered", "aggregated": ["a", "b"],
+         "closed_at": 11.0, "seconds": 1.0}  # as a round's save sends it
+ENDED = {**SAVED, "done_at": 11.1, "saved_at": 11.5}  # as the job's end sends it
+
+
+def test_a_record_replaces_its_rounds_only_if_it_knows_at_least_as_much(tmp_path: Path) -> None:
+    st = make(tmp_path)
+    st.merge_history([ENDED])
+    st.merge_history([SAVED], at_once=True)  # a restarted server's older copy of the same run
+    assert history(tmp_path) == [ENDED]
+    st.merge_history([{**ENDED, "accepted": ["a"]}], at_once=True)  # as complete: the newer one wins
+    assert history(tmp_path)[0]["accepted"] == ["a"]
+
+
+def test_the_servers_record_replaces_the_persistors_own_note_of_a_round(tmp_path: Path) -> None:
+    st = make(tmp_path)
+    note = {"round": 2, "task_id": "t2", "accepted": ["a", "b"], "aggregated": ["a", "b"], "saved_at": 11.5,
+            "recorded_by": "persistor"}
+    st.merge_history([note], at_once=True)
+    st.merge_history([SAVED], at_once=True)
+    assert history(tmp_path) == [SAVED]
+    st.merge_history([note], at_once=True)  # and not the other way round
+    assert history(tmp_path) == [SAVED]
+
+
+def test_a_later_run_of_a_round_replaces_the_earlier_one(tmp_path: Path) -> None:
+    st = make(tmp_path)
+    st.merge_history([ENDED], at_once=True)  # the round ran, was not saved, and ran again after a restart
+    rerun = {"round": 2, "task_id": "t2-again", "targets": ["a"], "accepted": ["a"], "started_at": 20.0}
+    st.merge_history([rerun], at_once=True)
+    assert history(tmp_path) == [rerun]
+    st.merge_history([ENDED], at_once=True)  # the earlier run, sent again: stays replaced
+    assert history(tmp_path) == [rerun]
+
+
+def test_a_shorter_history_never_removes_rounds(tmp_path: Path) -> None:
+    # the reproducer: 12 rounds, the server killed at rounds 3, 6 and 9; each restarted server's copy
+    # (jobs.json) lags the persistor's, and the job's end sends what that server knows
+    st = make(tmp_path)
+    st.merge_history([{**ENDED, "round": r, "task_id": f"t{r}"} for r in range(12)], at_once=True)
+    stale = [{**SAVED, "round": r, "task_id": f"t{r}"} for r in (0, 1, 3, 4, 6, 7, 9, 10, 11)]
+    st.merge_history(stale, at_once=True)
+    assert [h["round"] for h in history(tmp_path)] == list(range(12))
+    assert all("saved_at" in h for h in history(tmp_path))  # none downgraded
+    junk: list[Any] = ["not a record", {"round": 12}]
+    st.merge_history(junk)
+    assert [h["round"] for h in st.history()] == list(range(13))
 
 
 def test_last_round_follows_saves(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ JOB = "job-1"
 SITES = ("a", "b", "c")
 SMALL = {"w": np.zeros((3, 3), np.float32)}
 LARGE = {"w": np.zeros(300_000, np.float32)}  # 1.2 MB: forwarded, never an implied commit
+HEARTBEAT_S = 2.0
 
 
 def spec(min_clients: int = 3, num_rounds: int = 3, start_round: int = 0, wait: float = 10.0,
@@ -71,7 +72,7 @@ class Driver:
                  sites: tuple[str, ...] = SITES) -> None:
         self.spec = s or spec()
         self.model = {k: v.copy() for k, v in (model or SMALL).items()}
-        self.sag = ScatterAndGather(JOB, self.spec, client_timeout_s=10.0, heartbeat_s=2.0, schedule_timeout_s=60.0,
+        self.sag = ScatterAndGather(JOB, self.spec, heartbeat_s=HEARTBEAT_S, schedule_timeout_s=60.0,
                                     forward_min_bytes=forward_min_bytes, wall_offset=WALL, history=history or [])
         self.now = T0
         self.alive: set[str] = set(sites)
@@ -85,9 +86,11 @@ class Driver:
     def start(self) -> list[Effect]:
         return self.sag.start(self.now, self.alive)
 
-    def load(self, source: str = "initial", next_round: int = -1) -> list[Effect]:
+    def load(self, source: str = "initial", next_round: int = -1,
+             history: list[dict[str, Any]] | None = None) -> list[Effect]:
         self.start()
-        return self.sag.on_loaded(ModelLoaded(JOB, source, DXO(WEIGHTS, self.model), next_round), self.now)
+        loaded = ModelLoaded(JOB, source, DXO(WEIGHTS, self.model), next_round, history=history or [])
+        return self.sag.on_loaded(loaded, self.now)
 
     def verdict(self, site: str, accepted: bool = True, rc: str = RC_OK, reason: str = "",
                 rnd: int | None = None) -> list[Effect]:
@@ -192,6 +195,26 @@ def test_resume_from_a_saved_round_drops_the_history_of_later_rounds() -> None:
     assert d.sag.round == 2
     assert [h.round for h in d.sag.history] == [0, 1]
     assert only(effects, OpenRound).message.round == 2
+
+
+def test_resume_takes_the_rounds_its_history_lacks_from_the_persistor() -> None:
+    # jobs.json lagged the rounds: this server recorded 0 and 1; the persistor saved up to round 3 and holds
+    # the records of rounds 1 to 3 (round 3's only as the persistor's own note of an implied commit)
+    ours = [RoundRecord(r, f"t{r}", ["a"], 1.0, ["a"], aggregated=["a"], done_at=2.0) for r in (0, 1)]
+    theirs = [{"round": 1, "task_id": "t1-persistor", "accepted": []},
+              {"round": 2, "task_id": "t2", "targets": ["a"], "accepted": ["a"], "started_at": 3.0},
+              {"round": 2, "task_id": "t2", "accepted": ["a"]},  # a duplicate: one record a round
+              {"round": 3, "task_id": "t3", "accepted": ["a"], "aggregated": ["a"], "recorded_by": "persistor"},
+              {"round": 4, "task_id": "t4"},  # not saved: runs again
+              {"task_id": "no round"}]  # unreadable: skipped
+    d = Driver(spec(num_rounds=6), history=ours)
+    d.load(source="saved", next_round=4, history=theirs)
+    assert [(h.round, h.task_id) for h in d.sag.history] == [(0, "t0"), (1, "t1"), (2, "t2"), (3, "t3")]
+    assert d.sag.history[1].done_at == 2.0  # its own record of a round wins
+    assert d.sag.history[3].extra == {"recorded_by": "persistor"}
+    d.at(2 * COMMIT_EVERY_S)
+    commit = only(d.aggregate(), Persist).message
+    assert [h["round"] for h in commit.history] == [0, 1, 2, 3, 4]  # the whole history goes back, once a round
 
 
 def test_resume_ignores_next_round_of_an_initial_model() -> None:
@@ -649,15 +672,22 @@ def test_a_site_missing_the_forwarded_model_gets_the_whole_task_at_most_every_fe
 
 # --- a site that comes back idle -------------------------------------------------------------------
 
+GRACE = 3 * HEARTBEAT_S  # a target that came back idle gets its task again after three heartbeats
 
-def with_sites_heard_before_the_round(s: JobSpec) -> Driver:
-    d = Driver(s)
+
+def with_sites_heard_before_the_round(s: JobSpec, sites: tuple[str, ...] = SITES) -> Driver:
+    d = Driver(s, sites=sites)
     d.at(-5)
-    for site in SITES:
+    for site in sites:
         d.beat(site, hello=True)
     d.at(0)
     d.load()
     return d
+
+
+def test_the_grace_for_a_target_that_came_back_is_three_heartbeats() -> None:
+    d = Driver()
+    assert d.sag.idle_grace_s == GRACE == 6.0  # not client_timeout_s: a site back at once is never silent
 
 
 def test_a_target_that_came_back_idle_gets_the_whole_task_once() -> None:
@@ -666,11 +696,11 @@ def test_a_target_that_came_back_idle_gets_the_whole_task_once() -> None:
     d.beat("a", 0)  # busy with this round
     d.beat("b", hello=True)  # restarted: its task went with the old process
     assert d.tick() == []
-    d.at(1 + 9.9)
+    d.at(1 + GRACE - 0.1)
     d.beat("a", 0)
     d.beat("b")
-    assert d.tick() == []  # idle for less than max(client_timeout_s, 3 * heartbeat_s) = 10 s
-    d.at(1 + 10)
+    assert d.tick() == []  # a task still in its queue would have reached it by now
+    d.at(1 + GRACE)
     (send,) = d.tick()
     assert isinstance(send, SendTask) and send.sites == ("b",) and send.task.task_id == d.sag.task_id
     assert send.task.model_from == ""
@@ -680,12 +710,51 @@ def test_a_target_that_came_back_idle_gets_the_whole_task_once() -> None:
     assert d.tick() == []  # once a round; then the round's usual rules apply
 
 
+def test_a_site_killed_mid_round_and_back_within_the_client_timeout_finishes_the_round() -> None:
+    # issue 11, failure 1: hello-numpy-sag, 2 sites, min_clients 2, a long train_timeout; site a is killed
+    # while it trains and is back a second later, heartbeating idle: it never goes silent
+    d = with_sites_heard_before_the_round(spec(min_clients=2, num_rounds=4, train_timeout=6000.0), ("a", "b"))
+    d.at(1)
+    d.beat("a", 0)
+    d.beat("b", 0)
+    assert d.tick() == []
+    d.at(2)
+    assert d.verdict("b") == []
+    back = 5.5  # killed at 4.5, back at 5.5
+    for t in (back, back + HEARTBEAT_S, back + 2 * HEARTBEAT_S, back + GRACE - 0.1):
+        d.at(t)
+        d.beat("a", hello=t == back)
+        assert d.tick() == []
+    d.at(back + GRACE)  # three heartbeats after its return
+    d.beat("a")
+    (send,) = d.tick()
+    assert isinstance(send, SendTask) and send.sites == ("a",) and send.task.round == 0
+    d.at(back + GRACE + 2)
+    d.beat("a", 0)
+    assert d.tick() == []
+    assert d.verdict("a") == []  # every target answered: the aggregator closes the round
+    effects = d.aggregate(accepted=("a", "b"))
+    assert d.sag.round == 1 and only(effects, OpenRound).message.targets == ["a", "b"]
+    assert d.sag.history[0].aggregated == ["a", "b"]
+
+
 def test_a_target_that_kept_its_process_still_has_the_task() -> None:
     # idle in its heartbeats while a large task is still on its way: sending it again would double it
     d = with_sites_heard_before_the_round(spec(min_clients=3))
     for dt in (1.0, 30.0, 300.0):
         d.at(dt)
         d.beat("a")
+        assert d.tick() == []
+
+
+def test_a_target_that_came_back_and_found_the_task_in_its_queue_gets_nothing_again() -> None:
+    d = with_sites_heard_before_the_round(spec(min_clients=3))
+    d.at(1)
+    d.beat("b", hello=True)  # its old process never fetched the task: the queue gives it to the new one
+    assert d.tick() == []
+    for dt in (1 + HEARTBEAT_S, 10.0, 60.0):
+        d.at(dt)
+        d.beat("b", 0)
         assert d.tick() == []
 
 
@@ -707,13 +776,15 @@ def test_a_site_busy_again_restarts_the_idle_clock() -> None:
     d.at(1)
     d.beat("b", hello=True)
     d.tick()
-    d.at(6)
+    d.at(1 + GRACE - 1)
     d.beat("b", 0)
     d.tick()
     d.at(12)
     d.beat("b")
     assert d.tick() == []  # idle since 12, not since 1
-    d.at(22)
+    d.at(12 + GRACE - 0.1)
+    assert d.tick() == []
+    d.at(12 + GRACE)
     assert kinds(d.tick()) == ["SendTask"]
 
 
@@ -722,7 +793,7 @@ def test_a_site_that_came_back_is_sent_the_task_again_in_a_later_round_too() -> 
     d.at(1)
     d.beat("b", hello=True)
     d.tick()
-    d.at(11)
+    d.at(1 + GRACE)
     assert kinds(d.tick()) == ["SendTask"]
     d.at(12)
     d.aggregate()
@@ -730,7 +801,7 @@ def test_a_site_that_came_back_is_sent_the_task_again_in_a_later_round_too() -> 
     assert d.tick() == []  # its restart was before this round's task
     d.beat("b", hello=True)
     d.tick()
-    d.at(23)
+    d.at(13 + GRACE)
     assert kinds(d.tick()) == ["SendTask"]
 
 

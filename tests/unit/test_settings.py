@@ -31,6 +31,7 @@ def test_defaults() -> None:
     assert s.amqp_heartbeat_s == 30
     assert (s.tls_ca_file, s.tls_cert_file, s.tls_key_file, s.tls_server_name) == ("", "", "", "")
     assert s.amqp_user == "guest"
+    assert (s.dead_max_length, s.dead_max_bytes, s.dead_ttl_s) == (10_000, 2**30, 7 * 86_400.0)
 
 
 def test_empty_values_mean_defaults() -> None:
@@ -38,8 +39,16 @@ def test_empty_values_mean_defaults() -> None:
             "SAGMQ_CLIENT_TIMEOUT_S", "SAGMQ_SCHEDULE_TIMEOUT_S", "SAGMQ_MAX_BODY_BYTES", "SAGMQ_RPC_TIMEOUT_S",
             "SAGMQ_ALLOW_CUSTOM_CODE", "SAGMQ_LOG_LEVEL", "SAGMQ_DECLARE", "SAGMQ_AMQP_HEARTBEAT_S",
             "SAGMQ_TLS_CA_FILE", "SAGMQ_TLS_CERT_FILE", "SAGMQ_TLS_KEY_FILE", "SAGMQ_TLS_SERVER_NAME",
-            "SAGMQ_PIKA_FASTPATH"]
+            "SAGMQ_PIKA_FASTPATH", "SAGMQ_PERSIST_RETRY_LIMIT_S"]
     assert load_settings({k: "" for k in keys}) == Settings(pika_fastpath=True)
+
+
+def test_persist_retry_limit() -> None:
+    assert load_settings({}).persist_retry_limit_s == 300.0
+    assert load_settings({"SAGMQ_PERSIST_RETRY_LIMIT_S": "0"}).persist_retry_limit_s == 0.0  # fail at once
+    for bad in ("-1", "soon", "inf"):
+        with pytest.raises(ConfigError, match="SAGMQ_PERSIST_RETRY_LIMIT_S"):
+            load_settings({"SAGMQ_PERSIST_RETRY_LIMIT_S": bad})
 
 
 def test_pika_fastpath_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,6 +86,10 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
         "SAGMQ_FORWARD_MIN_BYTES": "4096",
         "SAGMQ_AGGREGATOR_USER": "agg-1",
         "SAGMQ_PIKA_FASTPATH": "off",
+        "SAGMQ_DEAD_MAX_LENGTH": "1000",
+        "SAGMQ_DEAD_MAX_BYTES": "1e6",
+        "SAGMQ_DEAD_TTL_S": "3600",
+        "SAGMQ_PERSIST_RETRY_LIMIT_S": "42.5",
     }
     s = load_settings(env)
     assert s.amqp_url == env["SAGMQ_AMQP_URL"]
@@ -102,12 +115,37 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert (s.chunk_bytes, s.max_model_bytes, s.chunk_timeout_s) == (65536, 1000000, 7.0)
     assert (s.forward_min_bytes, s.aggregator_user) == (4096, "agg-1")
     assert s.pika_fastpath is False
+    assert (s.dead_max_length, s.dead_max_bytes, s.dead_ttl_s) == (1000, 10**6, 3600.0)
+    assert s.persist_retry_limit_s == 42.5
     # every field of Settings is covered by this test: a new setting needs a line above
     assert {f.name for f in dataclasses.fields(Settings)} == {
         "amqp_url", "prefix", "workspace", "site", "heartbeat_s", "client_timeout_s", "schedule_timeout_s",
         "max_body_bytes", "rpc_timeout_s", "allow_custom_code", "log_level", "declare", "amqp_heartbeat_s",
         "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name", "chunk_bytes", "max_model_bytes",
-        "chunk_timeout_s", "forward_min_bytes", "aggregator_user", "pika_fastpath"}
+        "chunk_timeout_s", "forward_min_bytes", "aggregator_user", "pika_fastpath", "dead_max_length", "dead_max_bytes",
+        "dead_ttl_s",
+        "persist_retry_limit_s"}
+
+
+def test_dead_queue_bounds() -> None:
+    keys = ("SAGMQ_DEAD_MAX_LENGTH", "SAGMQ_DEAD_MAX_BYTES", "SAGMQ_DEAD_TTL_S")
+    assert load_settings({k: "" for k in keys}) == Settings(pika_fastpath=True)
+    unbounded = load_settings({k: "0" for k in keys})  # no bound
+    assert (unbounded.dead_max_length, unbounded.dead_max_bytes, unbounded.dead_ttl_s) == (0, 0, 0.0)
+    for key in keys:
+        with pytest.raises(ConfigError, match=key):
+            load_settings({key: "-1"})
+        with pytest.raises(ConfigError, match=key):
+            load_settings({key: "lots"})
+
+
+def test_prefetch_fits_the_largest_multi_part_message() -> None:
+    s = load_settings({})
+    assert s.max_parts == 4 * 2**30 // (16 * MIB) + 1  # 256 data parts and the header
+    assert s.prefetch_for(blobs=2, slack=64) == 2 * 257 + 64
+    small = load_settings({"SAGMQ_MAX_MODEL_BYTES": str(100 * MIB + 1)})
+    assert small.max_parts == 8 and small.prefetch_for(blobs=1, slack=0) == 8
+    assert load_settings({"SAGMQ_CHUNK_BYTES": "4096"}).prefetch_for(blobs=1, slack=0) == 65535  # AMQP's limit
 
 
 def test_chunk_bytes_must_fit_below_the_body_limit() -> None:
