@@ -182,3 +182,20 @@ def aggregator_thread(bus_settings: Settings, grace_s: float, tick_s: float = 0.
                         lambda bus: AggregatorService(service_settings or bus_settings, bus, grace_s=grace_s),
                         serve) as svc:
         yield svc
+
+
+# --- the chaos test's seeds (tests/faults/test_chaos.py) ---------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-seeds", default=None, metavar="N|S,S...",
+        help="tests/faults/test_chaos.py: run seeds 0..N-1 (CI runs 3), or exactly the seeds of a comma "
+             "list (`7,` runs seed 7 alone). The environment variable SAGMQ_CHAOS_SEEDS does the same.")
+
+
+@pytest.fixture
+def chaos_seed(request: pytest.FixtureRequest) -> int:
+    """One seed of the chaos schedule; tests/faults/test_chaos.py parametrizes it (indirectly) from
+    --chaos-seeds or SAGMQ_CHAOS_SEEDS."""
+    return int(request.param)
