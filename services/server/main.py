@@ -397,7 +397,7 @@ class ServerService:
         new_process = hb.hello or old is None or (old.pid, old.host) != (hb.pid, hb.host)
         prev = self.site_states.get(hb.site)
         since = now if new_process or prev is None else prev.since
-        self.site_states[hb.site] = SiteState(hb.busy_job, hb.busy_round, now, since)
+        self.site_states[hb.site] = SiteState(hb.busy_job, hb.busy_round, since)
         if hb.hello or old is None:
             log.info("site %s connected (host %s, pid %d)", hb.site, hb.host, hb.pid)
         run = self.run_

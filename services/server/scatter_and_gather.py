@@ -195,7 +195,6 @@ class SiteState:
 
     busy_job: str = ""
     busy_round: int = -1
-    seen_at: float = 0.0  # when its last heartbeat came
     since: float = 0.0  # when this process of the site was first heard
 
 

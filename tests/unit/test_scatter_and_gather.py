@@ -114,7 +114,7 @@ class Driver:
         """A heartbeat of the site (hello: from a new process of it)."""
         prev = self.states.get(site)
         since = self.now if hello or prev is None else prev.since
-        self.states[site] = SiteState(JOB if busy_round >= 0 else "", busy_round, self.now, since)
+        self.states[site] = SiteState(JOB if busy_round >= 0 else "", busy_round, since)
 
 
 def kinds(effects: list[Effect]) -> list[str]:
