@@ -13,6 +13,15 @@ never held whole. A whole contribution is checked completely before any of it is
 a rejected one leaves nothing behind. A streamed one can only be checked part by part: if
 a later part is refused after earlier ones were added, the sums are ``spoiled`` and the
 host must rebuild the round without it.
+
+The arithmetic is NVFlare's: a variable's sum takes the dtype NVFlare's ``v * weight`` gives
+(a float variable keeps its float dtype, an integer one is summed in float64; float32 and
+float64 contributions sum in float64), and the mean is ``sum * (1.0 / Σ w)`` with no cast back
+to the global model's dtype: the mean of int64 [1, 2] and [4, 6] is [2.5, 4.0]. A contribution
+with no variable left to aggregate (empty, or every variable excluded) is accepted and counted,
+and a variable the global model lacks is aggregated too, as NVFlare does. Where sagmq is
+deliberately stricter (the README's "Departures from NVFlare"), the reason says so, and what
+happened without a refusal is noted in ``notes`` for the host to log.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from sagmq.wire.blob import PartSet, check_data_part, refs
-from sagmq.wire.codec import DATA_KINDS, DXO, WEIGHT_DIFF, check_plain
+from sagmq.wire.codec import COLLECTION, DATA_KINDS, DXO, WEIGHT_DIFF, check_plain
 from sagmq.wire.errors import DecodeError, Rejected
 from sagmq.wire.messages import RC_OK
 
@@ -71,11 +80,13 @@ def read_stream_header(dxo: Any, parts: int, size: int) -> StreamHeader:
     """Validate the DXO map of a header part (DecodeError if malformed)."""
     if not isinstance(dxo, dict) or set(dxo) != {"kind", "data", "meta"} or not isinstance(dxo["data"], dict):
         raise DecodeError("result.dxo: expected a map with kind, data and meta")
+    meta = check_plain(dxo["meta"], "result.dxo.meta")
+    kind = dxo["kind"] if isinstance(dxo["kind"], str) else None
+    if kind == COLLECTION:  # its arrays lie one level deeper; no aggregator streams it (the verdict says so)
+        return StreamHeader(kind, {}, meta if isinstance(meta, dict) else {}, parts, size)
     arrays: dict[str, ArrayRef] = {}
     for name, ref in dxo["data"].items():
         (arrays[name],) = refs(ref, size, where=f"result.dxo.data[{name!r}]")
-    meta = check_plain(dxo["meta"], "result.dxo.meta")
-    kind = dxo["kind"] if isinstance(dxo["kind"], str) else None
     return StreamHeader(kind, arrays, meta if isinstance(meta, dict) else {}, parts, size)
 
 
@@ -113,18 +124,30 @@ class InTimeAccumulateWeightedAggregator:
         self.accepted: list[str] = []
         self.spoiled = False  # a refused stream had added values: the sums are not this round's any more
         self._streams: dict[str, _Stream] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # shape of each variable seen (the model's, or the first)
+        self.notes: list[str] = []  # departures from NVFlare that happened without a refusal, for the log
         self._exclude = re.compile(self.exclude_vars) if self.exclude_vars else None
 
     # --- whole contributions ------------------------------------------------------------
 
     def accept(self, site: str, rc: str, dxo: DXO | None, error: str = "") -> None:
         """Check a whole contribution, then add it to the sums; or raise Rejected with the reason."""
+        weight, names = self.check_whole(site, rc, dxo, error)
+        assert dxo is not None  # check_whole refuses a missing DXO
+        self.add_whole(site, dxo, weight, names)
+
+    def check_whole(self, site: str, rc: str, dxo: DXO | None, error: str = "") -> tuple[float, list[str]]:
+        """Check a whole contribution without adding it: its weight and the variables to add, or Rejected."""
         variables = {k: (v.dtype.str, tuple(v.shape)) for k, v in dxo.data.items()} if dxo else {}
         weight, names = self.check_header(site, rc, dxo.kind if dxo else None, dxo.meta if dxo else {},
                                           variables, error)
         assert dxo is not None  # check_header refuses a missing DXO
         for name in names:
             self.check_values(name, dxo.data[name])
+        return weight, names
+
+    def add_whole(self, site: str, dxo: DXO, weight: float, names: list[str]) -> None:
+        """Add a contribution that check_whole passed, and count it."""
         for name in names:
             arr = dxo.data[name]
             self._add_values(name, 0, arr.reshape(-1), weight, tuple(arr.shape))
@@ -139,8 +162,8 @@ class InTimeAccumulateWeightedAggregator:
         self._check_kind(site, kind)
         weight = float(self.aggregation_weights.get(site, 1.0)) * _steps(meta)
         names = [name for name, (dtype, shape) in variables.items() if self._wanted(name, dtype, shape)]
-        if not names:
-            raise Rejected(f"site {site} sent no variable to aggregate")
+        for name in names:  # a variable the model lacks: the first contribution that carries it sets its shape
+            self.shapes.setdefault(name, tuple(variables[name][1]))
         return weight, names
 
     def _check_sender(self, site: str, rc: str, error: str) -> None:
@@ -152,6 +175,9 @@ class InTimeAccumulateWeightedAggregator:
     def _check_kind(self, site: str, kind: str | None) -> None:
         if kind is None:
             raise Rejected(f"site {site} sent no DXO")
+        if kind == COLLECTION and kind != self.expected_data_kind:
+            raise Rejected(f"expected data kind {self.expected_data_kind} but got a COLLECTION (the job's "
+                           f"expected_data_kind is one kind, not a dict of keys)")
         if kind not in DATA_KINDS:
             raise Rejected(f"cannot handle data kind {kind!r}")
         if kind != self.expected_data_kind:
@@ -166,10 +192,10 @@ class InTimeAccumulateWeightedAggregator:
         if self._exclude is not None and self._exclude.search(name):
             return False  # skipped before its shape or values are looked at
         want = self.spec.get(name)
-        if self.spec and want is None:
-            raise Rejected(f"variable {name!r} is not in the global model")
-        if want is not None and tuple(shape) != want.shape:
-            raise Rejected(f"variable {name!r} has shape {tuple(shape)}, the model has {want.shape}")
+        have = want.shape if want is not None else self.shapes.get(name)
+        if have is not None and tuple(shape) != have:
+            where = "the model has" if want is not None else "an earlier contribution had"
+            raise Rejected(f"variable {name!r} has shape {tuple(shape)}, {where} {have}")
         if np.dtype(dtype).kind not in "fiu":
             raise Rejected(f"variable {name!r} has non-numeric dtype {dtype}")
         return True
@@ -250,13 +276,14 @@ class InTimeAccumulateWeightedAggregator:
     # --- the sums -------------------------------------------------------------------------
 
     def _sum(self, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        """The running sum of a variable, in the dtype NVFlare's ``v * weight`` gives (widened as needed)."""
+        dt = sum_dtype(dtype)
         acc = self.sums.get(name)
         if acc is None:
-            want = self.spec.get(name)
-            dt = np.dtype(want.dtype) if want is not None else dtype
-            acc = np.zeros(shape, dtype=dt if dt.kind == "f" else np.float64)
-            self.sums[name] = acc
+            acc = self.sums[name] = np.zeros(shape, dtype=dt)
             self.weights[name] = 0.0
+        elif np.result_type(acc.dtype, dt) != acc.dtype:  # a wider contribution: float32 + float64 -> float64
+            acc = self.sums[name] = acc.astype(np.result_type(acc.dtype, dt))
         return acc
 
     def _add_values(self, name: str, start: int, values: np.ndarray, weight: float, shape: tuple[int, ...]) -> None:
@@ -264,7 +291,7 @@ class InTimeAccumulateWeightedAggregator:
         acc = self._sum(name, values.dtype, shape).reshape(-1)
         target = acc[start:start + values.size]
         if self.weigh_by_local_iter:
-            target += values * acc.dtype.type(weight)
+            target += values * sum_dtype(values.dtype).type(weight)  # v * weight in v's own float dtype
         else:
             target += values
 
@@ -282,17 +309,33 @@ class InTimeAccumulateWeightedAggregator:
         out: dict[str, np.ndarray] = {}
         for name, acc in self.sums.items():
             w = self.weights.get(name, 0.0)
-            if w > 0:
-                acc /= acc.dtype.type(w)
-                want = self.spec.get(name)
-                out[name] = acc.astype(want.dtype, copy=False) if want is not None else acc
+            if w != 0:
+                acc *= acc.dtype.type(1.0 / w)  # NVFlare's v * (1.0 / count), in the sum's own dtype
+                out[name] = acc
+            else:
+                self.notes.append(f"variable {name!r}: every contribution weighs 0, so it keeps its global value "
+                                  f"(departure from NVFlare, which fails on the division by zero)")
         meta: dict[str, Any] = {"accepted": list(self.accepted)}
         return DXO(self.expected_data_kind, out, meta)
 
 
+def sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype of ``v * weight`` (a Python float) for an array v of this dtype: floats keep theirs."""
+    return dtype if dtype.kind == "f" else np.dtype(np.float64)
+
+
 def _steps(meta: Mapping[str, Any]) -> float:
-    """A contribution's NUM_STEPS_CURRENT_ROUND (default 1), which must be a non-negative number."""
-    steps = meta.get(NUM_STEPS, 1)
-    if isinstance(steps, bool) or not isinstance(steps, int | float) or not math.isfinite(steps) or steps < 0:
-        raise Rejected(f"meta {NUM_STEPS}={steps!r} is not a non-negative number")
-    return float(steps)
+    """A contribution's NUM_STEPS_CURRENT_ROUND (default 1, also for None) as NVFlare reads it, float(value);
+    a negative or non-finite count is refused (departure from NVFlare: it would weigh the contribution
+    negatively or spoil the sums)."""
+    steps = meta.get(NUM_STEPS)
+    if steps is None:
+        return 1.0
+    try:
+        value = float(steps)
+    except (TypeError, ValueError) as e:
+        raise Rejected(f"meta {NUM_STEPS}={steps!r}: float() refuses it ({e})") from e
+    if not math.isfinite(value) or value < 0:
+        raise Rejected(f"meta {NUM_STEPS}={steps!r} is negative or not finite (departure from NVFlare, "
+                       f"which would weigh the contribution by it)")
+    return value

@@ -16,22 +16,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from sagmq.aggregator.collection import CollectionAggregator
 from sagmq.aggregator.intime_accumulate_weighted_aggregator import (
     InTimeAccumulateWeightedAggregator,
+    StreamHeader,
     VarSpec,
     read_stream_header,
 )
+from sagmq.filters.base import RC_TASK_RESULT_FILTER_ERROR, TASK_RESULT, FilterContext, FilterError
+from sagmq.filters.chain import FilterChain
+from sagmq.filters.sides import only_excludes, result_chain_from_wire
+from sagmq.job.collection_spec import KeySettings
 from sagmq.runtime.lifecycle import serve
 from sagmq.wire.blob import is_part, part_info
 from sagmq.wire.bus import Bus, Delivery
-from sagmq.wire.codec import unpack
+from sagmq.wire.codec import DXO, unpack
 from sagmq.wire.errors import DecodeError, Rejected, SagmqError
 from sagmq.wire.messages import (
     ABORTED,
     FAILED,
     FINISHED,
+    RC_OK,
     Contribution,
     Control,
     JobEvent,
@@ -40,6 +47,7 @@ from sagmq.wire.messages import (
     RoundOpen,
     TaskResult,
     from_wire,
+    reported_metrics,
 )
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, rk_aggregate
@@ -63,9 +71,22 @@ class OpenRound:
     persist: bool = False  # the aggregate goes to the persistor too
     forward: bool = False  # the aggregate goes to the accepted sites too (their next model)
     commits: str = ""  # passed on with the aggregate (see RoundOpen.commits)
+    filters: FilterChain = field(default_factory=lambda: FilterChain({}))  # the server's task_result_filters
+    filters_broken: str = ""  # why the round's filters could not be built: every result is refused
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> its accepted result's (meta)
 
     def all_answered(self) -> bool:
         return self.answered >= self.aggregator.targets
+
+
+def _aggregator(m: RoundOpen, spec: dict[str, VarSpec]) -> InTimeAccumulateWeightedAggregator:
+    """The round's aggregator: one kind, or NVFlare's collection mode (an accumulator per key)."""
+    if not m.collection_kinds:
+        return InTimeAccumulateWeightedAggregator(m.expected_data_kind, m.aggregation_weights, m.exclude_vars,
+                                                  m.weigh_by_local_iter, targets=m.targets, spec=spec)
+    keys = {k: KeySettings(kind, m.collection_weights.get(k, {}), m.collection_exclude_vars.get(k, ""))
+            for k, kind in m.collection_kinds.items()}
+    return CollectionAggregator(keys, m.weigh_by_local_iter, targets=m.targets, spec=spec)
 
 
 @dataclass(slots=True)
@@ -196,11 +217,14 @@ class AggregatorService:
             log.info("round %d of job %s replaced by round %d (task %s)", cur.round, m.job_id, m.round, m.task_id)
             self.bus.ack_many(cur.held)
         spec = {k: VarSpec(m.var_dtypes[k], tuple(m.var_shapes[k])) for k in m.var_dtypes if k in m.var_shapes}
-        aggregator = InTimeAccumulateWeightedAggregator(
-            m.expected_data_kind, m.aggregation_weights, m.exclude_vars, m.weigh_by_local_iter,
-            targets=m.targets, spec=spec)
+        aggregator = _aggregator(m, spec)
         rnd = OpenRound(m.job_id, m.round, m.task_id, aggregator, [d],
                         persist=m.persist, forward=m.forward, commits=m.commits)
+        try:
+            rnd.filters = result_chain_from_wire(m.result_filters)
+        except FilterError as err:  # never accumulate a result unfiltered
+            rnd.filters_broken = f"the server's task_result_filters cannot run here: {err}"
+            log.error("round %d of job %s: %s; every result is refused", m.round, m.job_id, rnd.filters_broken)
         d.deferred = True
         self.open[m.job_id] = rnd
         self.ended.discard(m.job_id)
@@ -226,6 +250,9 @@ class AggregatorService:
         """Note a target's answer; once every target answered, close the round without waiting."""
         if r.site in cur.aggregator.targets and r.round == cur.round and r.task_id == cur.task_id:
             cur.answered.add(r.site)
+            found = reported_metrics(r.dxo.meta) if r.dxo is not None and r.site in cur.aggregator.accepted else {}
+            if found:
+                cur.metrics[r.site] = found
         if cur.closing is None and cur.all_answered():
             cur.closing = RoundClose(cur.job_id, cur.round, f"all {len(cur.aggregator.targets)} targets answered",
                                      sorted(cur.aggregator.accepted))
@@ -246,7 +273,10 @@ class AggregatorService:
             log.warning("round %d of job %s: results of %s never came back; aggregating without them",
                         m.round, m.job_id, ", ".join(missing))
         dxo = cur.aggregator.aggregate()
-        agg = RoundAggregated(m.job_id, m.round, list(cur.aggregator.accepted), dxo, cur.task_id, cur.commits)
+        for note in cur.aggregator.notes:  # where sagmq departs from NVFlare (README), the job's log says so
+            log.warning("round %d of job %s: %s", m.round, m.job_id, note)
+        agg = RoundAggregated(m.job_id, m.round, list(cur.aggregator.accepted), dxo, cur.task_id, cur.commits,
+                              {s: v for s, v in cur.metrics.items() if s in cur.aggregator.accepted})
         log.info("aggregating %d update(s) at round %d of job %s (%s)", len(cur.aggregator.accepted), m.round,
                  m.job_id, m.reason)
         rk = RK_ROUND_AGGREGATED_SAVE if cur.persist and dxo is not None else RK_ROUND_AGGREGATED
@@ -295,7 +325,7 @@ class AggregatorService:
             raise Rejected("result without a user_id property: the sender is unknown")
         if d.header_str("site") and d.header_str("site") != r.site:
             raise Rejected(f"header site {d.header_str('site')!r} does not match body site {r.site!r}")
-        if d.user_id != self.s.amqp_user and d.user_id != r.site:
+        if not self.s.may_speak_for(d.user_id, r.site):  # (own user, the site's, or a simulation user's)
             raise Rejected(f"spoofed sender: user {d.user_id!r} sent a result for site {r.site!r}")
 
     # --- large results, part by part ------------------------------------------------------
@@ -350,12 +380,16 @@ class AggregatorService:
             return
         try:
             self._check_round(cur, r)
+            head = _filter_header(cur, r, head)
             status = cur.aggregator.begin_stream(blob, r.site, r.rc, head, r.error)
         except Rejected as e:
             self.refused[blob] = time.monotonic()
             self._reject(d, r, e.reason)
             return
         d.deferred = True
+        found = reported_metrics(header["dxo"].get("meta"))
+        if found:  # (sent with the aggregate only if the whole result is accepted)
+            cur.metrics[r.site] = found
         st = cur.streams[blob] = Stream(blob, r, n, [d])
         if status.complete:
             self._stream_done(cur, st)
@@ -420,7 +454,7 @@ class AggregatorService:
             return
         try:
             self._check_round(cur, r)
-            cur.aggregator.accept(r.site, r.rc, r.dxo, r.error)
+            cur.aggregator.accept(r.site, r.rc, _filtered(cur, r), r.error)
         except Rejected as e:
             self._reject(d, r, e.reason)
             return
@@ -456,6 +490,43 @@ class AggregatorService:
         # transient: after a broker restart the aggregator rebuilds and sends its verdicts again
         self.bus.publish(self.bus.names.events, RK_CONTRIBUTION, ev, advisory=True,
                          headers={"job_id": r.job_id, "round": r.round, "site": r.site})
+
+
+def _filtered(cur: OpenRound, r: TaskResult) -> DXO | None:
+    """A whole result's DXO through the server's task_result_filters (sagmq.filters.sides says why here);
+    Rejected if they cannot run or fail (the result is not counted unfiltered)."""
+    if r.rc != RC_OK or r.dxo is None:
+        return r.dxo  # NVFlare's filters pass an error result as it is; the aggregator refuses it
+    if cur.filters_broken:
+        raise Rejected(cur.filters_broken)
+    if not cur.filters.for_task(TASK_RESULT, r.task_name):
+        return r.dxo
+    try:
+        return cur.filters.run(TASK_RESULT, r.dxo, FilterContext("server", r.job_id, r.round, r.task_name,
+                                                                  TASK_RESULT))
+    except FilterError as e:
+        raise Rejected(f"{RC_TASK_RESULT_FILTER_ERROR}: the server's {e}") from e
+
+
+def _filter_header(cur: OpenRound, r: TaskResult, head: StreamHeader) -> StreamHeader:
+    """A streamed result's header through the server's task_result_filters: ExcludeVars drop variables
+    from it; any other filter needs the whole result, which a streamed one never is here (Rejected)."""
+    if r.rc != RC_OK:
+        return head
+    if cur.filters_broken:
+        raise Rejected(cur.filters_broken)
+    if not cur.filters.for_task(TASK_RESULT, r.task_name):
+        return head
+    excludes = only_excludes(cur.filters, r.task_name)
+    if excludes is None:
+        raise Rejected("the server's task_result_filters need the whole result, and this one came in parts "
+                       "(larger than SAGMQ_CHUNK_BYTES): only ExcludeVars runs on those; use the filter on the "
+                       "sites (config_fed_client.json) instead")
+    arrays = dict(head.arrays)
+    for f in excludes:
+        if head.kind in f.data_kinds:
+            arrays = {k: v for k, v in arrays.items() if not f.excluded(k)}
+    return replace(head, arrays=arrays)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from sagmq.amqp.consume import Consumer, Consuming
 from sagmq.amqp.fastpath import FastPath, install
 from sagmq.amqp.publish import Advisory, Confirmed, Envelope, encode, properties
 from sagmq.amqp.send import Send, Sender
+from sagmq.runtime.metrics import Meter
 from sagmq.wire.bus import Delivery, Done, Handler, dead_letter_headers
 from sagmq.wire.errors import BrokerRefused, SagmqError
 from sagmq.wire.messages import Message
@@ -39,9 +40,11 @@ log = logging.getLogger(__name__)
 class AmqpBus:
     """A confirmed, reconnecting connection to the broker for one thread (see wire.bus.Bus)."""
 
-    def __init__(self, settings: Settings, service: str, connect_timeout_s: float = 300.0) -> None:
+    def __init__(self, settings: Settings, service: str, connect_timeout_s: float = 300.0,
+                 meter: Meter | None = None) -> None:
         self.settings = settings
         self.service = service
+        self.meter = meter or Meter(service, settings.site)  # counts what crosses this bus (runtime.metrics)
         self.names = Names(settings.prefix)
         self.connect_timeout_s = connect_timeout_s
         self.dead_lettered = 0
@@ -54,7 +57,7 @@ class AmqpBus:
         self._confirmed = Confirmed(self._written)
         self._advisory = Advisory(self._written)
         self.sender = Sender(settings, self._open_channel, self._written)
-        self.consuming = Consuming(settings, self)
+        self.consuming = Consuming(settings, self, self.meter)
         self._calls: deque[Callable[[], None]] = deque()  # from call_threadsafe, run by process()
         self._reset_pending = ""
         self._admin: Any = None  # pika.BlockingConnection of the admin channel, opened on first use
@@ -95,7 +98,9 @@ class AmqpBus:
             raise ConnectionLost("not connected")
         return self._link
 
-    def _written(self, nbytes: int) -> None:
+    def _written(self, nbytes: int, kind: str | None = None) -> None:
+        if kind is not None:  # a publish (not an ack)
+            self.meter.count_sent(kind, nbytes)
         if self._fast is not None:
             self._fast.written(nbytes)
 
@@ -106,6 +111,7 @@ class AmqpBus:
 
     def _reconnect(self, why: BaseException) -> None:
         log.warning("connection lost (%s: %s); reconnecting", type(why).__name__, why)
+        self.meter.count_reconnect()
         self._drop()
         self.consuming.reset()
         self.connect()
@@ -403,6 +409,7 @@ class AmqpBus:
         dead-lettered at the broker's pace, not one round trip and disk sync per message. A copy that
         the connection's loss leaves unconfirmed is let go: the original comes back and is copied again."""
         self.dead_lettered += 1
+        self.meter.count_dead_letter(reason)
         d.deferred = True  # acked (or rejected) when the copy is settled
         props = self.properties("dead", dead_letter_headers(d, reason))
         body = d.body

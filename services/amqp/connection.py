@@ -11,20 +11,23 @@ credentials or a refused TLS handshake: those fail at once with ``BrokerUnavaila
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import pika
 import pika.exceptions as px
 from pika.adapters.utils import connection_workflow as cw
-from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
 
 from sagmq.wire.errors import BrokerUnavailable
 from sagmq.wire.settings import Settings
 
 log = logging.getLogger(__name__)
+logging.getLogger("tenacity").setLevel(logging.ERROR)  # sagmq says itself what it retries, in one line
 
 AUTH_ERRORS = (px.ProbableAuthenticationError, px.ProbableAccessDeniedError, px.AuthenticationError)
 
@@ -38,14 +41,20 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (px.AMQPConnectionError, px
                                                       px.ConnectionWrongStateError, px.ChannelWrongStateError)
 
 
-def parameters(settings: Settings, service: str, heartbeat: bool = True) -> pika.URLParameters:
-    """Connection parameters from the settings (TLS when the URL is amqps://)."""
+def parameters(settings: Settings, service: str, heartbeat: bool = True) -> Any:
+    """Connection parameters from the settings (TLS when the URL is amqps://); a list of them, to try in
+    turn, when SAGMQ_AMQP_URL names several brokers (pika's BlockingConnection takes a list, Link too)."""
+    many = [_parameters(settings, url, service, heartbeat) for url in settings.amqp_urls]
+    return many if len(many) > 1 else many[0]
+
+
+def _parameters(settings: Settings, url: str, service: str, heartbeat: bool) -> pika.URLParameters:
     s = settings
-    p = pika.URLParameters(s.amqp_url)
+    p = pika.URLParameters(url)
     p.heartbeat = s.amqp_heartbeat_s if heartbeat else 0
     p.blocked_connection_timeout = 300
     p.client_properties = {"connection_name": f"sagmq-{service}"}
-    if s.amqp_url.startswith("amqps://"):
+    if url.startswith("amqps://"):
         ctx = ssl.create_default_context(cafile=s.tls_ca_file or None)
         if s.tls_cert_file:
             ctx.load_cert_chain(s.tls_cert_file, s.tls_key_file or None)
@@ -54,10 +63,12 @@ def parameters(settings: Settings, service: str, heartbeat: bool = True) -> pika
 
 
 def safe_url(url: str) -> str:
-    """The URL without its credentials, for logs and errors."""
-    if "@" in url:
+    """The URL without its credentials, for logs and errors (each URL of a comma-separated list)."""
+    if "," in url:
+        return ",".join(safe_url(u.strip()) for u in url.split(",") if u.strip())
+    if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return url
 
 
@@ -69,20 +80,91 @@ def tls_failure(e: BaseException) -> bool:
 def retryable(e: BaseException) -> bool:
     """Worth another try: the broker is unreachable, not refusing us."""
     # a handshake that times out (a black-holed network) surfaces as pika's connector errors
-    lost = isinstance(e, px.AMQPConnectionError | cw.AMQPConnectorException)
+    # a host name that does not resolve yet (a container not started yet) is retried too
+    lost = isinstance(e, px.AMQPConnectionError | cw.AMQPConnectorException | socket.gaierror)
     return lost and not isinstance(e, AUTH_ERRORS) and not tls_failure(e)
 
 
+def _causes(e: BaseException) -> list[BaseException]:
+    """e and what it wraps (pika nests the socket's error in args, .exceptions, .exception)."""
+    seen: list[BaseException] = []
+    todo: list[Any] = [e]
+    while todo and len(seen) < 20:
+        x = todo.pop(0)
+        if not isinstance(x, BaseException) or any(x is s for s in seen):
+            continue
+        seen.append(x)
+        todo += [*x.args, *(getattr(x, "exceptions", None) or []), getattr(x, "exception", None), x.__cause__]
+    return seen
+
+
+def _where(url: str) -> tuple[str, str, str]:
+    """host:port (each of a comma-separated list), user and vhost of an AMQP URL."""
+    urls = [urlparse(x.strip()) for x in url.split(",") if x.strip()] or [urlparse(url)]
+    addr = ", ".join(f"{u.hostname or 'localhost'}:{u.port or (5671 if u.scheme == 'amqps' else 5672)}" for u in urls)
+    u = urls[0]
+    vhost = unquote(u.path[1:]) if len(u.path) > 1 else "/"
+    return addr, unquote(u.username or "guest"), vhost
+
+
+def explain(url: str, e: BaseException) -> tuple[str, str]:
+    """Why a connection attempt failed, in words, and the fix that fits the cause."""
+    addr, user, vhost = _where(url)
+    causes = _causes(e)
+    text = " ".join(str(c) for c in causes)
+    if isinstance(e, px.ProbableAccessDeniedError) or "NOT_ALLOWED" in text:
+        if "not found" in text:
+            return (f"vhost {vhost!r} does not exist on the broker at {addr}",
+                    f"create it (`rabbitmqctl add_vhost {vhost}` and set_permissions for {user}) "
+                    "or correct the vhost at the end of SAGMQ_AMQP_URL")
+        return (f"user {user!r} may not use vhost {vhost!r} at {addr}",
+                f"grant it (`rabbitmqctl set_permissions -p {vhost} {user} ...`) or correct SAGMQ_AMQP_URL")
+    if isinstance(e, AUTH_ERRORS) or "ACCESS_REFUSED" in text:
+        return (f"the broker at {addr} refused the credentials of user {user!r} (403 ACCESS_REFUSED)",
+                "check the user and password in SAGMQ_AMQP_URL (amqp://USER:PASSWORD@host:port/vhost)")
+    if any(isinstance(c, ssl.SSLError) for c in causes) or tls_failure(e):
+        return (f"TLS handshake with {addr} failed: {next((c for c in causes if isinstance(c, ssl.SSLError)), e)}",
+                "check SAGMQ_TLS_CA_FILE (the CA that signed the broker's certificate), SAGMQ_TLS_CERT_FILE and "
+                "SAGMQ_TLS_KEY_FILE (a client certificate the broker trusts) and SAGMQ_TLS_SERVER_NAME")
+    for c in causes:
+        if isinstance(c, ConnectionRefusedError):
+            return (f"connection refused at {addr}",
+                    f"is a RabbitMQ broker running at {addr}? Start one (`rabbitmq-server -detached` or "
+                    "`docker compose up -d rabbitmq`) or point SAGMQ_AMQP_URL at yours")
+        if isinstance(c, socket.gaierror):
+            return (f"cannot resolve the host of {addr} ({c.strerror})", "check the host name in SAGMQ_AMQP_URL")
+        if isinstance(c, TimeoutError | socket.timeout) or "timed out" in str(c).lower():
+            return (f"no answer from {addr} (timed out)",
+                    "check the host and port in SAGMQ_AMQP_URL, and that no firewall drops the connection")
+        if isinstance(c, OSError) and c.strerror:
+            return (f"{c.strerror.lower()} at {addr}", "check the host and port in SAGMQ_AMQP_URL")
+    detail = next((str(c) for c in reversed(causes) if str(c)), type(e).__name__)
+    return (f"{type(e).__name__} at {addr}: {detail}", "check SAGMQ_AMQP_URL and the broker's log")
+
+
 def unavailable(url: str, e: BaseException) -> BrokerUnavailable:
-    """The error a failed connect becomes."""
-    where = safe_url(url)
-    if isinstance(e, AUTH_ERRORS):
-        return BrokerUnavailable(where, f"the broker refused the credentials ({e!r})")
-    if isinstance(e, ssl.SSLError):
-        return BrokerUnavailable(where, f"TLS handshake failed: {e}")
-    if tls_failure(e):
-        return BrokerUnavailable(where, f"the broker refused TLS (client certificate missing or untrusted?): {e}")
-    return BrokerUnavailable(where, f"{type(e).__name__}: {e}")
+    """The error a failed connect becomes: the reason, and the fix as its hint."""
+    reason, hint = explain(url, e)
+    return BrokerUnavailable(safe_url(url), reason, hint)
+
+
+def _capped_wait(deadline: float) -> Callable[[RetryCallState], float]:
+    """Exponential backoff with jitter, never sleeping past the deadline (so a CLI fails within its time)."""
+    backoff = wait_exponential(multiplier=0.2, max=2) + wait_random(0, 0.5)
+
+    def wait(state: RetryCallState) -> float:
+        return max(0.0, min(backoff(state), deadline - time.monotonic()))
+    return wait
+
+
+def _say_retry(url: str) -> Callable[[RetryCallState], None]:
+    """One line per retry: what is tried, why it failed, when the next try comes."""
+    def before_sleep(state: RetryCallState) -> None:
+        e = state.outcome.exception() if state.outcome is not None else None
+        why = explain(url, e)[0] if e is not None else "unknown"
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning("connecting to RabbitMQ at %s: %s; trying again in %.1f s", safe_url(url), why, wait)
+    return before_sleep
 
 
 def with_retry(fn: Callable[[], None], timeout_s: float, url: str) -> None:
@@ -91,14 +173,14 @@ def with_retry(fn: Callable[[], None], timeout_s: float, url: str) -> None:
     the grace the server gives silent sites (SAGMQ_CLIENT_TIMEOUT_S, 10 s)."""
     retrying = Retrying(
         retry=retry_if_exception(retryable),
-        wait=wait_exponential(multiplier=0.2, max=2) + wait_random(0, 0.5),
+        wait=_capped_wait(time.monotonic() + timeout_s),
         stop=stop_after_delay(timeout_s),
-        before_sleep=before_sleep_log(log, logging.WARNING),
+        before_sleep=_say_retry(url),
         reraise=True,
     )
     try:
         retrying(fn)
-    except (px.AMQPError, cw.AMQPConnectorException, ssl.SSLError) as e:
+    except (px.AMQPError, cw.AMQPConnectorException, ssl.SSLError, OSError) as e:
         raise unavailable(url, e) from e
 
 
@@ -117,10 +199,15 @@ def open_error(e: BaseException) -> BaseException:
 class Link:
     """A SelectConnection and its I/O loop, turned from the owner's thread."""
 
-    def __init__(self, params: pika.URLParameters) -> None:
+    def __init__(self, params: Any) -> None:
         self.conn: Any = None
         self.lost: BaseException | None = None  # why the connection closed, if it did
         self._opened = False
+        # several brokers (a cluster's nodes): open() tries them in turn, the first that answers wins
+        self._next = list(params) if isinstance(params, list | tuple) else [params]
+        self._start(self._next.pop(0))
+
+    def _start(self, params: pika.URLParameters) -> None:
         self.conn = pika.SelectConnection(params, on_open_callback=self._on_open,
                                           on_open_error_callback=self._on_open_error,
                                           on_close_callback=self._on_close)
@@ -147,7 +234,12 @@ class Link:
             self.turn(1.0)
             if self.lost is not None:
                 self.shut()
-                raise self.lost
+                if not self._next or not retryable(self.lost):
+                    raise self.lost
+                log.info("broker %s:%s did not answer (%s); trying the next", self.conn.params.host,
+                         self.conn.params.port, self.lost)
+                self.lost = None
+                self._start(self._next.pop(0))
         return self
 
     def turn(self, timeout_s: float) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sagmq.runtime.metrics import Meter
 from sagmq.wire.blob import Reassembler, Step, is_part
 from sagmq.wire.bus import Delivery, Handler, Settle, run_handler
 from sagmq.wire.settings import Settings
@@ -58,7 +59,8 @@ def to_delivery(queue: str, method: Any, props: Any, body: bytes, generation: in
 class Consuming:
     """The consumers of a bus, the deliveries waiting for their handlers, and the blobs in assembly."""
 
-    def __init__(self, settings: Settings, bus: Settle) -> None:
+    def __init__(self, settings: Settings, bus: Settle, meter: Meter | None = None) -> None:
+        self.meter = meter  # counts every delivery (runtime.metrics)
         self.consumers: list[Consumer] = []
         self.inbox: deque[tuple[Consumer, Delivery]] = deque()
         self.blobs: Reassembler[Delivery] = Reassembler(settings.max_model_bytes, settings.max_body_bytes,
@@ -69,8 +71,12 @@ class Consuming:
     def on_message(self, c: Consumer, generation: Callable[[], int]) -> Callable[[Any, Any, Any, bytes], None]:
         """The pika callback of consumer c: it only queues the delivery."""
 
+        count = self.meter.count_received if self.meter is not None else None
+
         def record(_ch: Any, method: Any, props: Any, body: bytes) -> None:
             self.inbox.append((c, to_delivery(c.queue, method, props, body, generation())))
+            if count is not None:
+                count(props.type, len(body))
 
         return record
 

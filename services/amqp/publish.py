@@ -85,7 +85,8 @@ def encode(settings: Settings, service: str, msg: Message, env: Envelope) -> Enc
     wire = msg.to_wire()
     h = dict(env.headers or {})
     if env.cc:
-        h["CC"] = list(env.cc)
+        h["BCC"] = list(env.cc)  # sender-selected distribution; removed by the broker, unlike CC, so
+        # a task fanned out to 1000 sites does not carry the 999 other names to each (pika decodes them all)
     chunk = settings.chunk_bytes
 
     def props(headers: dict[str, Any], message_id: str | None = None) -> pika.BasicProperties:
@@ -111,8 +112,8 @@ class Confirmed:
     """Blocking confirmed publishes on a confirm-mode channel, one at a time: the channel is opened
     with this object's on_confirm and on_return (see AmqpBus), then given to use()."""
 
-    def __init__(self, written: Callable[[int], None]) -> None:
-        self._written = written  # told of every publish (the fast path writes it at once)
+    def __init__(self, written: Callable[[int, str | None], None]) -> None:
+        self._written = written  # told of every publish, with its kind (the fast path writes; the meter counts)
         self._ch: Channel | None = None
         self._seq = 0
         self._pending: set[int] = set()
@@ -152,7 +153,7 @@ class Confirmed:
         self._seq += 1
         tag = self._seq
         self._pending.add(tag)
-        self._written(len(body))
+        self._written(len(body), props.type)
         ch.link.wait(lambda: tag not in self._pending or ch.closed is not None, CONFIRM_TIMEOUT_S,
                      f"a publish to {exchange!r}", between)
         if tag in self._pending:
@@ -167,7 +168,7 @@ class Confirmed:
 class Advisory:
     """Transient, unconfirmed publishes on a channel of their own: they never wait for the broker."""
 
-    def __init__(self, written: Callable[[int], None]) -> None:
+    def __init__(self, written: Callable[[int, str | None], None]) -> None:
         self._written = written
         self._ch: Channel | None = None
 
@@ -180,4 +181,4 @@ class Advisory:
         if self._ch is None or not self._ch.is_open:
             self._ch = link.channel()
         self._ch.ch.basic_publish(exchange, routing_key, body, props)
-        self._written(len(body))
+        self._written(len(body), props.type)

@@ -60,7 +60,7 @@ OpenChannel = Callable[..., Channel]
 class Sender:
     """The sends of one bus, in order; the head ones in flight."""
 
-    def __init__(self, settings: Settings, open_channel: OpenChannel, written: Callable[[int], None]) -> None:
+    def __init__(self, settings: Settings, open_channel: OpenChannel, written: Callable[[int, str | None], None]) -> None:
         self._settings = settings
         self._open_channel = open_channel  # Link.channel of the current connection
         self._written = written
@@ -113,7 +113,7 @@ class Sender:
         self.inflight_bytes += n
         snd.unconfirmed += 1
         self._by_message_id[mid] = snd
-        self._written(n)
+        self._written(n, props.type)
 
     def _channel(self) -> Channel:
         if self.ch is not None and self.ch.is_open:

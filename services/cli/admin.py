@@ -20,11 +20,17 @@ from sagmq.wire.topology import RK_ADMIN_PERSISTOR, RK_ADMIN_SERVER, service_top
 NOT_FOUND = 404
 
 
+CLI_CONNECT_S = 2.5  # a command fails within 5 s when no broker answers (the process's own start included)
+
+
 class AdminClient:
     """Sends admin commands to the server (and download to the persistor)."""
 
-    def __init__(self, settings: Settings, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, settings: Settings, connect_timeout_s: float = 5.0, server_grace_s: float | None = None) -> None:
+        """server_grace_s: fail a request to the server after this long without a consumer of its admin queue
+        (the CLI's 5 s: a server that restarts is back by then), instead of waiting for a reply that cannot come."""
         self.s = settings
+        self.server_grace_s = server_grace_s
         self.bus = AmqpBus(settings, "admin", connect_timeout_s=connect_timeout_s).connect()
         self.bus.declare(service_topology(settings.prefix, settings))
 
@@ -40,6 +46,9 @@ class AdminClient:
         deadline = time.monotonic() + timeout
         if to == RK_ADMIN_PERSISTOR:
             self._wait_for_consumer(self.bus.names.persistor_queue, "sagmq persistor", deadline)
+        elif self.server_grace_s is not None:
+            self._wait_for_consumer(self.bus.names.server_admin_queue, "sagmq server",
+                                    min(deadline, time.monotonic() + self.server_grace_s))
         try:
             d = self.bus.rpc(self.bus.names.admin, to, req, max(0.1, deadline - time.monotonic()))
         except RpcTimeout as e:
@@ -58,6 +67,16 @@ class AdminClient:
             if getattr(e, "reply_code", None) == NOT_FOUND:
                 return 0
             raise
+
+    def queue_depth(self, queue: str) -> tuple[int, int] | None:
+        """Messages and consumers of a queue (a passive declare), or None if it does not exist."""
+        try:
+            m = self.bus.channel.queue_declare(queue, passive=True).method
+        except Exception as e:  # pika's ChannelClosedByBroker; only the bus may import pika
+            if getattr(e, "reply_code", None) == NOT_FOUND:
+                return None
+            raise
+        return int(m.message_count), int(m.consumer_count)
 
     def _wait_for_consumer(self, queue: str, who: str, deadline: float) -> None:
         """Wait until deadline for a consumer of queue (a service restarting), else fail without sending."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from sagmq.cli.admin import AdminClient
 from sagmq.cli.floor import measure_floor, median
-from sagmq.cli.procs import LocalStack, Proc
+from sagmq.cli.procs import LocalStack, Proc, group_spec, site_groups
 from sagmq.job.spec import read_job_folder
 from sagmq.wire.errors import SagmqError
 from sagmq.wire.settings import Settings
@@ -40,6 +40,17 @@ def peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS (resident set now) of a live process, in MB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def cpu_s(pid: int) -> float:
@@ -99,6 +110,12 @@ def write_job(root: Path, clients: int, rounds: int, ckpt: Path) -> Path:
     return root
 
 
+def heartbeat_s(clients: int) -> float:
+    """The sites' heartbeat period: 2 s, longer past 200 sites so that the server gets at most about
+    100 heartbeats a second (1000 sites: every 10 s), well inside the bench's 120 s client timeout."""
+    return max(2.0, clients / 100)
+
+
 def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": median(xs), "min": min(xs) if xs else float("nan"), "max": max(xs) if xs else float("nan"),
             "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0}
@@ -145,6 +162,7 @@ class _Run:
 
     rounds: list[float]  # seconds of each finished round
     rss: dict[str, float]  # peak MB per process
+    site_procs: list[str]  # the names of the processes that run the sites
     used: dict[str, float]  # CPU seconds per process (and the broker) during the job
     status_s: list[float]  # how long each status request took
     correct: bool  # the final model is the expected one
@@ -192,12 +210,30 @@ def _follow(admin: AdminClient, job_id: str, say: Callable[[str], None]) -> tupl
         time.sleep(0.1)
 
 
+def expected_model(base: np.ndarray, clients: int, rounds: int) -> np.ndarray:
+    """The final model, bit for bit, as NVFlare's arithmetic gives it: each round every site adds
+    NPTrainer's delta (1, in the model's dtype), the aggregator sums the N identical contributions
+    one by one in the model's float dtype and multiplies the sum by 1.0 / N. For N a power of two
+    that is base + rounds exactly; for others the float rounding of 1.0 / N shows (at 1000 sites
+    a float32 weight of 6.0 comes out as 6.0000005)."""
+    model = base
+    dt = base.dtype.type
+    for _ in range(rounds):
+        v = model + dt(1.0)
+        acc = np.zeros_like(v)
+        for _ in range(clients):
+            acc += v
+        acc *= dt(1.0 / clients)
+        model = acc
+    return model
+
+
 def _final_is_right(work: Path, job_id: str, a: argparse.Namespace, dtype: np.dtype[Any]) -> bool:
-    """The saved model is the initial one plus one per round (NPTrainer's delta), in the right dtype."""
+    """The saved model is the one expected_model() gives, in the right dtype and shape."""
     final = np.load(work / "ws" / "persistor" / "jobs" / job_id / "models" / "server.npy", mmap_mode="r")
-    expected_base = (np.arange(a.floats) % 1000).astype(dtype)
+    base = (np.arange(a.floats) % 1000).astype(dtype)
     return bool(final.dtype == dtype and final.shape == (a.floats,)
-                and np.array_equal(final, expected_base + dtype.type(a.rounds)))
+                and np.array_equal(final, expected_model(base, a.clients, a.rounds)))
 
 
 def _cleanup(admin: AdminClient, prefix: str, sites: list[str]) -> None:
@@ -216,7 +252,7 @@ def _run_job(s: Settings, a: argparse.Namespace, work: Path, nbytes: int, dtype:
     job = write_job(work / "job", a.clients, a.rounds, work / "initial.npy")
     sites = [f"site-{i}" for i in range(1, a.clients + 1)]
     env = {"SAGMQ_PREFIX": s.prefix, "SAGMQ_WORKSPACE": str(work / "ws"), "SAGMQ_CHUNK_BYTES": str(s.chunk_bytes),
-           "SAGMQ_LOG_LEVEL": "INFO" if a.keep else "WARNING", "SAGMQ_HEARTBEAT_S": "2", "SAGMQ_CLIENT_TIMEOUT_S": "120",
+           "SAGMQ_LOG_LEVEL": "INFO" if a.keep else "WARNING", "SAGMQ_HEARTBEAT_S": str(heartbeat_s(a.clients)), "SAGMQ_CLIENT_TIMEOUT_S": "120",
            "SAGMQ_MAX_MODEL_BYTES": str(max(s.max_model_bytes, 2 * nbytes + 2**20))}
     stack = LocalStack(env, work / "logs")
     admin = AdminClient(s)
@@ -224,8 +260,11 @@ def _run_job(s: Settings, a: argparse.Namespace, work: Path, nbytes: int, dtype:
     try:
         for name in ("persistor", "aggregator", "server"):
             procs[name] = stack.start(name, name)
-        for site in sites:
-            procs[site] = stack.start(site, "client", "--site", site)
+        for k, group in enumerate(site_groups(sites)):  # one process each, or a few with many sites each
+            if len(group) == 1:
+                procs[group[0]] = stack.start(group[0], "client", "--site", group[0])
+            else:
+                procs[f"sites-{k + 1}"] = stack.start(f"sites-{k + 1}", "client", "--sites", group_spec(group))
         _wait_sites(stack, admin, a.clients, say)
         cpu0 = {name: cpu_s(p.popen.pid) for name, p in procs.items()}
         cpu0["broker"] = _broker_cpu()
@@ -242,17 +281,18 @@ def _run_job(s: Settings, a: argparse.Namespace, work: Path, nbytes: int, dtype:
         stack.stop_all()
         _cleanup(admin, s.prefix, sites)
         admin.close()
-    return _Run(rounds, rss, used, status_s, correct)
+    site_procs = [name for name in procs if name not in ("persistor", "aggregator", "server")]
+    return _Run(rounds, rss, site_procs, used, status_s, correct)
 
 
 def _report(s: Settings, a: argparse.Namespace, dtype: np.dtype[Any], nbytes: int, run: _Run,
             floor: list[float], floor_cpu: dict[str, float]) -> dict[str, Any]:
     """The bench's figures, as printed with --json."""
     rss, used, rounds, status_s = run.rss, run.used, run.rounds, run.status_s
-    client_rss = [v for k, v in rss.items() if k.startswith("site-")]
+    client_rss = [rss[k] for k in run.site_procs]
     # CPU milliseconds per round, over the whole job (the last round's save included)
     cpu = {k: 1000 * used[k] / a.rounds for k in ("server", "aggregator", "persistor", "broker")}
-    cpu["sites"] = 1000 * sum(v for k, v in used.items() if k.startswith("site-")) / a.rounds
+    cpu["sites"] = 1000 * sum(used[k] for k in run.site_procs) / a.rounds
     cpu["total"] = sum(cpu.values())
     return {
         "clients": a.clients, "floats": a.floats, "dtype": dtype.name, "model_mb": round(nbytes / 1e6, 3),
@@ -263,6 +303,9 @@ def _report(s: Settings, a: argparse.Namespace, dtype: np.dtype[Any], nbytes: in
         "peak_rss_mb": {"server": rss["server"], "aggregator": rss["aggregator"], "persistor": rss["persistor"],
                         "client_max": max(client_rss), "client_median": statistics.median(client_rss)},
         "services_total_mb": round(rss["server"] + rss["aggregator"] + rss["persistor"], 1),
+        "site_processes": len(run.site_procs),
+        "all_processes_mb": round(sum(rss.values()), 1),  # every sagmq process's peak, added up (not the broker)
+        "broker_rss_mb": round(sum(rss_mb(p) for p in broker_pids()), 1),  # the broker's resident memory at the end
         "status_s": {"median": round(median(status_s), 4), "max": round(max(status_s), 4), "count": len(status_s)},
         "cpu_ms_per_round": {k: round(v, 2) for k, v in cpu.items()},
         "floor_cpu_ms_per_round": {k: round(v, 2) for k, v in floor_cpu.items()} or None,
@@ -279,7 +322,8 @@ def _print_report(report: dict[str, Any], floor: list[float], floor_cpu: dict[st
         print(f"broker floor:  median {median(floor):.4f} s/round; ratio {report['ratio']:.2f}")
     r = report["peak_rss_mb"]
     print(f"peak RSS MB: server {r['server']}, aggregator {r['aggregator']}, persistor {r['persistor']}, "
-          f"client max {r['client_max']} (model {report['model_mb']} MB)")
+          f"site process max {r['client_max']} (model {report['model_mb']} MB); all {report['site_processes']} "
+          f"site processes and the services together {report['all_processes_mb']}")
     st_s = report["status_s"]
     print(f"admin status answered in median {st_s['median']:.4f} s, max {st_s['max']:.4f} s "
           f"({st_s['count']} requests during the job)")

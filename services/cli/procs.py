@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from sagmq.wire.settings import site_range
+
+T = TypeVar("T")
+SITES_PER_PROCESS = 250  # `sagmq poc` / `sagmq bench`: sites per process beyond ONE_PROCESS_EACH
+ONE_PROCESS_EACH = 8  # up to this many sites, each has a process of its own (as a deployment does)
+
+
+def site_groups(sites: Sequence[T], per_process: int = SITES_PER_PROCESS) -> list[list[T]]:
+    """How `sagmq poc` and `sagmq bench` (and the bench's floor) spread sites over processes: up to
+    ONE_PROCESS_EACH sites, one process each (as a deployment runs them); beyond, ceil(N / per_process)
+    processes (at least two, so the sites' work uses both cores of a small machine), each running its
+    share with `sagmq client --sites` over one connection."""
+    n = len(sites)
+    if n <= ONE_PROCESS_EACH:
+        return [[s] for s in sites]
+    procs = max(2, math.ceil(n / per_process))
+    size = math.ceil(n / procs)
+    return [list(sites[i:i + size]) for i in range(0, n, size)]
+
+
+def group_spec(sites: list[str]) -> str:
+    """A group of sites as a `--sites` argument (a range where the names allow it)."""
+    if len(sites) > 1 and sites[0][-1:].isdigit():
+        rng = site_range(f"{sites[0]}..{sites[-1]}")
+        if rng is not None:
+            pre, a, b = rng
+            if [f"{pre}{i}" for i in range(a, b + 1)] == sites:
+                return f"{sites[0]}..{sites[-1]}"
+    return ",".join(sites)
 
 
 @dataclass(slots=True)

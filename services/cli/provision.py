@@ -1,5 +1,12 @@
 """`sagmq provision`: RabbitMQ definitions (vhost, users, least-privilege permissions, topology) and env files.
 
+With ``--tls`` it also writes OUT/tls (``sagmq.cli.tls``): a CA, the broker's certificate and
+one client certificate per user, a rabbitmq.conf snippet for the TLS listener, and env files whose
+SAGMQ_TLS_* point at the files as mounted in a container (``--tls-dir``, default /etc/sagmq/tls).
+The admin user has the ``monitoring`` tag, so it can log in to the management UI (read-only).
+Site queues are defined without x-expires: a provisioned site may not declare (so could not
+re-create) its queue, which must therefore never expire.
+
 ``build_definitions`` is pure (no I/O): it derives every exchange, queue and binding from
 ``sagmq.wire.topology`` and computes each user's permissions from what that user's code does on
 the wire (the ``*_ops`` functions below mirror the ``publish``/``consume``/``declare`` calls of the
@@ -74,11 +81,12 @@ from urllib.parse import quote
 
 from sagmq.wire.errors import ConfigError
 from sagmq.wire.messages import JOB_STATUSES
-from sagmq.wire.settings import check_name
+from sagmq.wire.settings import Settings, check_name
 from sagmq.wire.topology import (
     RK_ADMIN_PERSISTOR,
     RK_ADMIN_SERVER,
     RK_CONTRIBUTION,
+    RK_CROSS_VAL_SAVE,
     RK_HEARTBEAT,
     RK_MODEL_COMMIT,
     RK_MODEL_LOAD,
@@ -107,6 +115,8 @@ SERVICE_USERS = ("server", "aggregator", "persistor", "admin")
 DECLARING_SERVICES = ("server", "aggregator")  # SAGMQ_DECLARE=1: they (re)declare service_topology
 RESERVED_USERS = (*SERVICE_USERS, "guest")  # a site named like these would take over that user
 NOTHING = "^$"
+USER_TAGS = {"admin": "monitoring"}  # the management UI (read-only views) for the admin user
+TLS_FILE_STEMS = ("ca", "broker")  # OUT/tls/ca.pem, broker.pem: no user may be named so with --tls
 
 
 # --- what each user does on the wire ------------------------------------------------------------
@@ -174,7 +184,7 @@ def server_ops(prefix: str) -> Access:
     a.consume(n.server_admin_queue)
     a.publish(n.tasks)  # tasks and control messages, routing key = site
     a.publish(n.events, *(rk_job(s) for s in JOB_STATUSES), RK_MODEL_LOAD, RK_MODEL_SAVE, RK_MODEL_COMMIT,
-              RK_ROUND_OPEN, RK_ROUND_CLOSE, rk_control("all"))
+              RK_ROUND_OPEN, RK_ROUND_CLOSE, rk_control("all"), RK_CROSS_VAL_SAVE)
     a.publish("")  # admin replies over direct reply-to
     a.publish(n.dead)
     return a
@@ -280,7 +290,8 @@ def build_definitions(sites: Sequence[str], prefix: str, vhost: str,
         raise ConfigError(f"no password for {', '.join(missing)}")
     access = user_access(prefix, sites)
 
-    topologies = [service_topology(prefix), *(site_topology(prefix, s) for s in sites)]
+    never = Settings(site_queue_expires_s=0)  # a site without configure permission could not re-create it
+    topologies = [service_topology(prefix), *(site_topology(prefix, s, never) for s in sites)]
     exchanges: dict[str, dict[str, Any]] = {}
     queues: dict[str, dict[str, Any]] = {}
     bindings: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -303,7 +314,7 @@ def build_definitions(sites: Sequence[str], prefix: str, vhost: str,
         "product_name": "RabbitMQ",
         "product_version": RABBIT_VERSION,
         "users": [{"name": u, "password_hash": hash_password(passwords[u]), "hashing_algorithm": HASHING_ALGORITHM,
-                   "tags": "", "limits": {}} for u in users],
+                   "tags": USER_TAGS.get(u, ""), "limits": {}} for u in users],
         "vhosts": [{"name": vhost}],
         "permissions": [{"user": u, "vhost": vhost, "configure": anchored(access[u].configure),
                          "write": anchored(access[u].write), "read": anchored(access[u].read)} for u in users],
@@ -331,7 +342,7 @@ def amqp_url(user: str, password: str, host: str, port: int, vhost: str, tls: bo
 
 
 def env_text(user: str, password: str, prefix: str, vhost: str, host: str, port: int, tls: bool,
-             site: str = "") -> str:
+             site: str = "", tls_dir: str = "") -> str:
     """The .env file of a site (site given) or a service."""
     what = f"site {site}" if site else f"the {user}"
     declare = "1" if user in DECLARING_SERVICES else "0"
@@ -341,7 +352,14 @@ def env_text(user: str, password: str, prefix: str, vhost: str, host: str, port:
     if site:
         lines.append(f"SAGMQ_SITE={site}")
     lines.append(f"SAGMQ_DECLARE={declare}")
-    if tls:
+    if tls and tls_dir:
+        d = tls_dir.rstrip("/")
+        lines += [f"# TLS: the files of OUT/tls mounted at {d} (ca.pem, {user}.pem, {user}.key only).",
+                  f"SAGMQ_TLS_CA_FILE={d}/ca.pem",
+                  f"SAGMQ_TLS_CERT_FILE={d}/{user}.pem",
+                  f"SAGMQ_TLS_KEY_FILE={d}/{user}.key",
+                  f"SAGMQ_TLS_SERVER_NAME={host}"]
+    elif tls:
         lines += ["# TLS: the CA that signed the broker's certificate, and this user's client certificate if the",
                   "# broker verifies peers (fail_if_no_peer_cert).",
                   "# SAGMQ_TLS_CA_FILE=/path/to/ca.pem",
@@ -375,8 +393,9 @@ def _write_secret(path: Path, text: str) -> None:
 
 def write_provision(out_dir: Path | str, sites: Sequence[str], prefix: str = "sag", vhost: str = "sagmq",
                     host: str = "localhost", port: int | None = None, tls: bool = False,
-                    force: bool = False) -> None:
-    """Write definitions.json, sites/<site>.env and services/<service>.env with fresh passwords."""
+                    force: bool = False, tls_dir: str = "", broker_names: Sequence[str] = ()) -> None:
+    """Write definitions.json, sites/<site>.env and services/<service>.env with fresh passwords; with tls
+    and a tls_dir (where containers find the files), OUT/tls's certificates too (see sagmq.cli.tls)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder")
@@ -386,6 +405,9 @@ def write_provision(out_dir: Path | str, sites: Sequence[str], prefix: str = "sa
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is out of range")
     sites = check_sites(sites)
+    clash = [s for s in sites if s in TLS_FILE_STEMS]
+    if tls and tls_dir and clash:
+        raise ConfigError(f"with --tls, no site may be named {' or '.join(TLS_FILE_STEMS)} (their files): {clash}")
     passwords = {u: secrets.token_urlsafe(32) for u in all_users(sites)}
     definitions = build_definitions(sites, prefix, vhost, passwords)
 
@@ -394,6 +416,14 @@ def write_provision(out_dir: Path | str, sites: Sequence[str], prefix: str = "sa
     _write_secret(out / "definitions.json", json.dumps(definitions, indent=2) + "\n")
     for site in sites:
         _write_secret(out / "sites" / f"{site}.env",
-                      env_text(site, passwords[site], prefix, vhost, host, port, tls, site=site))
+                      env_text(site, passwords[site], prefix, vhost, host, port, tls, site=site, tls_dir=tls_dir))
     for svc in SERVICE_USERS:
-        _write_secret(out / "services" / f"{svc}.env", env_text(svc, passwords[svc], prefix, vhost, host, port, tls))
+        _write_secret(out / "services" / f"{svc}.env",
+                      env_text(svc, passwords[svc], prefix, vhost, host, port, tls, tls_dir=tls_dir))
+    if tls and tls_dir:
+        try:
+            from sagmq.cli.tls import write_tls
+        except ImportError as e:
+            raise ConfigError(f"sagmq provision --tls needs the cryptography package: pip install 'sagmq[tls]' "
+                              f"({e})") from e
+        write_tls(out, all_users(sites), [host, *(n for n in broker_names if n != host)], port)

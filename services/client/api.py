@@ -1,7 +1,9 @@
 """What a job's custom code (app/custom/*.py) may import: the executor interface and DXO.
 
 A custom executor subclasses Executor, takes its config args as keyword arguments,
-and returns a DXO from execute(); raising TaskError(rc, text) reports a failure.
+and returns a DXO from execute(); raising TaskError(rc, text) reports a failure. For a job
+whose aggregator expects a dict of kinds (NVFlare's collection mode) it returns
+``collection({key: DXO(...)})``, a DXO of kind COLLECTION.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sagmq.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS
+from sagmq.wire.codec import COLLECTION, DXO, METRICS, WEIGHT_DIFF, WEIGHTS, collection
 from sagmq.wire.messages import (
     RC_BAD_TASK_DATA,
     RC_EXECUTION_EXCEPTION,
+    RC_EXECUTION_RESULT_ERROR,
     RC_TASK_ABORTED,
     RC_TASK_UNKNOWN,
 )
 
 __all__ = [
-    "DXO", "WEIGHTS", "WEIGHT_DIFF", "METRICS", "Executor", "TaskContext", "TaskError",
-    "RC_BAD_TASK_DATA", "RC_EXECUTION_EXCEPTION", "RC_TASK_ABORTED", "RC_TASK_UNKNOWN",
+    "DXO", "WEIGHTS", "WEIGHT_DIFF", "METRICS", "COLLECTION", "collection", "Executor", "TaskContext", "TaskError",
+    "RC_BAD_TASK_DATA", "RC_EXECUTION_EXCEPTION", "RC_EXECUTION_RESULT_ERROR", "RC_TASK_ABORTED", "RC_TASK_UNKNOWN",
     "NUM_STEPS_CURRENT_ROUND",
 ]
 

@@ -7,12 +7,22 @@ import logging
 import shutil
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sagmq.client.api import Executor, TaskError
+from sagmq.client.api import DXO, Executor, TaskError
 from sagmq.client.np_trainer import NPTrainer
-from sagmq.job.spec import TRAINER, ExecutorSpec, app_for_site, parse_client_config
+from sagmq.client.np_validator import NPValidator
+from sagmq.filters.base import (
+    RC_TASK_DATA_FILTER_ERROR,
+    RC_TASK_RESULT_FILTER_ERROR,
+    TASK_DATA,
+    FilterContext,
+    FilterError,
+)
+from sagmq.filters.chain import FilterChain, build
+from sagmq.job.cross_site_spec import VALIDATOR
+from sagmq.job.spec import TRAINER, ExecutorSpec, app_for_site, parse_client_config, parse_client_filters
 from sagmq.wire.errors import JobSpecError
 from sagmq.wire.messages import RC_BAD_TASK_DATA, RC_EXECUTION_EXCEPTION, RC_TASK_UNKNOWN, RC_UNSAFE_JOB, Files
 
@@ -27,6 +37,18 @@ class App:
     name: str
     workdir: Path
     executors: dict[str, Executor]
+    filters: FilterChain = field(default_factory=lambda: FilterChain({}))  # its task_data / task_result filters
+
+    def filtered(self, direction: str, site: str, job_id: str, rnd: int, task_name: str, dxo: DXO) -> DXO:
+        """A task's DXO (TASK_DATA) or its result's (TASK_RESULT) through the app's filters for the task, in
+        order; TaskError with NVFlare's filter return code if one fails (the task or result goes no further)."""
+        if not self.filters.for_task(direction, task_name):
+            return dxo
+        try:
+            return self.filters.run(direction, dxo, FilterContext(site, job_id, rnd, task_name, direction))
+        except FilterError as e:
+            raise TaskError(RC_TASK_DATA_FILTER_ERROR if direction == TASK_DATA else RC_TASK_RESULT_FILTER_ERROR,
+                            str(e)) from e
 
 
 def _load_custom(spec: ExecutorSpec, custom_dir: Path) -> Executor:
@@ -63,9 +85,11 @@ def deploy(
     files = apps[app]
     try:
         specs = parse_client_config(files)
+        filter_specs, _ = parse_client_filters(files)
     except JobSpecError as e:
         raise TaskError(RC_BAD_TASK_DATA, f"invalid app {app}: {e}") from e
-    if any(s.custom for s in specs) and not allow_custom_code:
+    custom_filters = any(f.custom for fs in filter_specs.values() for f in fs)
+    if (any(s.custom for s in specs) or custom_filters) and not allow_custom_code:
         raise TaskError(
             RC_UNSAFE_JOB,
             f"site {site} does not run custom code (app {app} uses app/custom/); "
@@ -82,8 +106,13 @@ def deploy(
         target.write_bytes(data)
     executors: dict[str, Executor] = {}
     for spec in specs:
-        ex: Executor = NPTrainer(**spec.args) if spec.path == TRAINER else _load_custom(spec, workdir / "custom")
+        ex: Executor = (NPTrainer(**spec.args) if spec.path == TRAINER else NPValidator(**spec.args)
+                        if spec.path == VALIDATOR else _load_custom(spec, workdir / "custom"))
         for task in spec.tasks:
             executors[task] = ex
+    try:
+        filters = build(filter_specs, workdir / "custom")
+    except FilterError as e:
+        raise TaskError(RC_EXECUTION_EXCEPTION, f"app {app}: {e}") from e
     log.info("deployed app %s of job %s on site %s", app, job_id, site)
-    return App(app, workdir, executors)
+    return App(app, workdir, executors, filters)

@@ -10,26 +10,31 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from sagmq.client.api import TaskContext, TaskError
 from sagmq.client.apps import App, deploy
+from sagmq.filters.base import TASK_DATA, TASK_RESULT
 from sagmq.runtime.lifecycle import serve
+from sagmq.runtime.metrics import meter_of
 from sagmq.wire.bus import Bus, Delivery
 from sagmq.wire.codec import DXO, WEIGHTS
-from sagmq.wire.errors import Rejected, SagmqError
+from sagmq.wire.errors import EXIT_FAILED, Rejected, SagmqError
 from sagmq.wire.messages import (
     RC_EXECUTION_EXCEPTION,
     RC_OK,
     RC_TASK_UNKNOWN,
+    RESULT_TO_SERVER,
     ClientHeartbeat,
     Control,
     RoundAggregated,
     TaskResult,
     TrainTask,
 )
-from sagmq.wire.settings import Settings, default_site_name, load_settings
-from sagmq.wire.topology import RK_HEARTBEAT, RK_RESULT, site_topology
+from sagmq.wire.settings import SITE_NUMBER, Settings, default_site_name, load_settings
+from sagmq.wire.topology import RK_HEARTBEAT, RK_RESULT, RK_RESULT_SERVER, site_topology
 
 log = logging.getLogger(__name__)
 LARGE_RESULT_BYTES = 2**20  # a result this large makes the next task wait for its confirm
@@ -61,24 +66,45 @@ class _Forwarded:
     agg: RoundAggregated
 
 
-class ClientService:
-    """Receives tasks, runs them in a worker thread, publishes results."""
+class Pool(Protocol):
+    """Worker threads shared by the sites of one process (sagmq.client.multisite.SerialPool)."""
 
-    def __init__(self, settings: Settings, bus: Bus) -> None:
+    def submit(self, key: str, fn: Callable[[], None]) -> None:
+        """Run fn on a pool thread, after whatever was submitted before under the same key."""
+
+
+class ClientService:
+    """Receives tasks, runs them in a worker thread, publishes results.
+
+    Alone, a site has a worker thread of its own and stop event; many sites in one process
+    (sagmq.client.multisite) share one bus, one stop event and one small pool of workers."""
+
+    def __init__(self, settings: Settings, bus: Bus, pool: Pool | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.s = settings
         self.site = settings.site
         self.bus = bus
-        self.stop = threading.Event()
+        self.stop = threading.Event() if stop is None else stop
+        self.pool = pool
+        # sees every delivery first: a multi-site process gives the sites one copy of a body they all got
+        self.intake: Callable[[Delivery], None] | None = None
         self.state = ClientState()
         self.work: queue.Queue[_Work | None] = queue.Queue()
         self.outbox: queue.Queue[TaskResult] = queue.Queue()
         self.workspace = settings.workspace / self.site
         self._hello = True
         self._next_beat = 0.0
+        self.received: tuple[str, int] = ("", 0)  # I/O thread only: the last task received whole, its array bytes
+        # alone in its process, a site's bus counts (runtime.metrics) the bytes of tasks and forwarded models as
+        # their parts arrive: what came since the last whole task is the next one arriving (its heartbeat says)
+        self._meter = meter_of(bus) if pool is None else None
+        self._arrived_before = 0
         # I/O thread only: forwarded models by job, tasks waiting for theirs, ids of tasks already queued
         self.forwarded: dict[str, _Forwarded] = {}
         self.waiting: dict[str, TrainTask] = {}
         self.seen_tasks: deque[str] = deque(maxlen=32)
+        # I/O thread only: task id -> the routing key its result goes with (cross-site tasks: to the server)
+        self.result_keys: dict[str, str] = {}
         # large results handed to the bus and not yet confirmed: the next task waits for them (see _worker)
         self.large_unconfirmed = 0
         self.results_settled = threading.Condition(self.state.lock)
@@ -87,11 +113,12 @@ class ClientService:
 
     def start(self) -> None:
         """Declare the site queue and start consuming."""
-        self.bus.declare(site_topology(self.s.prefix, self.site))
+        self.bus.declare(site_topology(self.s.prefix, self.site, self.s))
         # unlimited prefetch: a large task arrives in parts that are held until all are in (tasks are
         # acked on receipt and queued for the worker, so nothing is hoarded beyond what the queue holds)
         self.bus.consume(self.bus.names.site_queue(self.site), self.on_message, prefetch=0)
-        self.worker.start()
+        if self.pool is None:
+            self.worker.start()
 
     def run(self) -> None:
         """Serve until stopped."""
@@ -137,13 +164,23 @@ class ClientService:
             site=self.site, hello=self._hello, host=socket.gethostname(), pid=os.getpid(),
             allow_custom_code=self.s.allow_custom_code,
             busy_job=cur.task.job_id if cur else "", busy_round=cur.task.round if cur else -1,
-            missing_model=missing,
+            missing_model=missing, task_id=self.received[0], task_bytes=self.received[1],
+            receiving_bytes=max(0, self._arrived() - self._arrived_before),
         )
         self.bus.publish(self.bus.names.events, RK_HEARTBEAT, hb, headers={"site": self.site}, advisory=True)
         self._hello = False
 
+    def _arrived(self) -> int:
+        """Body bytes of tasks and forwarded models (parts included) this process's bus received so far."""
+        if self._meter is None:
+            return 0
+        got = self._meter.received
+        return sum(got[k][1] for k in (TrainTask.TYPE, RoundAggregated.TYPE) if k in got)
+
     def on_message(self, d: Delivery) -> None:
         """A task or a control message from the site queue."""
+        if self.intake is not None:
+            self.intake(d)
         limit = self.s.max_body_bytes
         if d.msg_type == Control.TYPE:
             self.on_control(d.message(Control, limit))
@@ -151,6 +188,9 @@ class ClientService:
             task = d.message(TrainTask, limit)
             if self.site not in task.targets:
                 raise Rejected(f"task {task.task_id} of job {task.job_id} is not addressed to site {self.site}")
+            if task.result_to not in ("", RESULT_TO_SERVER):
+                raise Rejected(f"task {task.task_id} of job {task.job_id} sends its result to {task.result_to!r}: "
+                               f"a site answers to the aggregator ('') or to {RESULT_TO_SERVER!r}")
             self.on_train_task(task)
         elif d.msg_type == RoundAggregated.TYPE:
             self.on_forwarded(d)
@@ -179,6 +219,13 @@ class ClientService:
             self._let_go_forwarded(job)  # a task that carries its model: a held aggregate is of no further use
         self.waiting.pop(job, None)
         self.seen_tasks.append(task.task_id)
+        # the task's bytes, told in heartbeats (transfer progress); a large one's at once, a small one's with the next
+        self.received = (task.task_id, sum(a.nbytes for a in task.dxo.data.values()))
+        self._arrived_before = self._arrived()
+        if self.received[1] >= LARGE_RESULT_BYTES:
+            self.beat()
+        if task.result_to == RESULT_TO_SERVER:
+            self.result_keys[task.task_id] = RK_RESULT_SERVER
         self.on_task(task)
 
     def on_forwarded(self, d: Delivery) -> None:
@@ -225,7 +272,10 @@ class ClientService:
             return
         with self.state.lock:
             self.state.queued += 1
-        self.work.put(w)
+        if self.pool is None:
+            self.work.put(w)
+        else:
+            self.pool.submit(self.site, lambda: self._work_one(w))
 
     def _quick(self, task: TrainTask) -> bool:
         """A task its (deployed) executor calls quick, with the worker idle: run on this thread."""
@@ -280,25 +330,29 @@ class ClientService:
             w = self.work.get()
             if w is None:
                 return
-            with self.state.lock:
-                if w.task.job_id in self.state.aborted_jobs:
-                    self.state.queued -= 1
-                    continue
-                # A forwarded model can arrive while the site's last large result still waits for the
-                # broker's confirm (kept in memory to send again after a lost connection): training now
-                # would hold three models at once. Waiting for the confirm keeps it to two.
-                if not self.results_settled.wait_for(lambda: self.large_unconfirmed == 0, LARGE_RESULT_WAIT_S):
-                    log.warning("round %d of job %s starts before the last result was confirmed (%g s)",
-                                w.task.round, w.task.job_id, LARGE_RESULT_WAIT_S)
-                self.state.current = w
-            self._run_current(w)
-            with self.state.lock:
-                self.state.queued -= 1
+            self._work_one(w)
             del w  # the next task may be a whole model: do not keep this one's alive meanwhile
-            try:
-                self.bus.call_threadsafe(self.flush_results)
-            except SagmqError:
-                pass  # not connected right now: the I/O thread's tick sends it after reconnecting
+
+    def _work_one(self, w: _Work) -> None:
+        """Run one queued task (on the site's worker thread, or a pool thread), then send its result."""
+        with self.state.lock:
+            if w.task.job_id in self.state.aborted_jobs:
+                self.state.queued -= 1
+                return
+            # A forwarded model can arrive while the site's last large result still waits for the
+            # broker's confirm (kept in memory to send again after a lost connection): training now
+            # would hold three models at once. Waiting for the confirm keeps it to two.
+            if not self.results_settled.wait_for(lambda: self.large_unconfirmed == 0, LARGE_RESULT_WAIT_S):
+                log.warning("round %d of job %s starts before the last result was confirmed (%g s)",
+                            w.task.round, w.task.job_id, LARGE_RESULT_WAIT_S)
+            self.state.current = w
+        self._run_current(w)
+        with self.state.lock:
+            self.state.queued -= 1
+        try:
+            self.bus.call_threadsafe(self.flush_results)
+        except SagmqError:
+            pass  # not connected right now: the I/O thread's tick sends it after reconnecting
 
     def _run(self, w: _Work) -> TaskResult:
         t = w.task
@@ -318,7 +372,10 @@ class ClientService:
             if executor is None:
                 raise TaskError(RC_TASK_UNKNOWN, f"app {app.name} has no executor for task {t.task_name!r}")
             w.ctx.workdir = app.workdir
-            dxo = executor.execute(t.task_name, t.dxo, w.ctx)
+            # the site's filters: task_data before the executor sees the task, task_result before it leaves
+            dxo = executor.execute(t.task_name, app.filtered(TASK_DATA, self.site, t.job_id, t.round, t.task_name,
+                                                             t.dxo), w.ctx)
+            dxo = app.filtered(TASK_RESULT, self.site, t.job_id, t.round, t.task_name, dxo)
             log.info("task %s round %d of job %s done in %.3f s", t.task_name, t.round, t.job_id,
                      time.monotonic() - started)
             return result(rc=RC_OK, dxo=dxo)
@@ -344,7 +401,9 @@ class ClientService:
                 log.error("result of round %d of job %s not delivered: %s", r.round, r.job_id, err)
 
         # not waiting for the broker (a lost connection sends it again); the loop keeps heartbeating
-        self.bus.send(self.bus.names.results, RK_RESULT, r, headers=headers, on_done=sent)
+        rk = self.result_keys.get(r.task_id, RK_RESULT)
+        self.bus.send(self.bus.names.results, rk, r, headers=headers, on_done=sent)
+        self.result_keys.pop(r.task_id, None)  # (kept while a failed send leaves the result to go again)
         if large:  # (sent() runs later, on this thread)
             with self.state.lock:
                 self.large_unconfirmed += 1
@@ -355,9 +414,35 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sagmq client", description="Run one site.")
     p.add_argument("--site", help="site name (default: SAGMQ_SITE, then the hostname)")
     p.add_argument("--allow-custom-code", action="store_true", help="run code from a job's app/custom/")
+    p.add_argument("--sites", help="many sites in this process over one connection (simulation): a range "
+                   "site-1..site-500, a comma list, or a count N named with --site-prefix")
+    p.add_argument("--site-prefix", default="site-", help="names of --sites N: PREFIX1 .. PREFIXN (default: site-)")
+    p.add_argument("--workers", type=int, help="with --sites: worker threads shared by the sites (default: "
+                   "the cores, at most 4)")
     args = p.parse_args(argv)
     settings = load_settings()
-    settings = settings.with_site(args.site or settings.site or default_site_name())
+    if args.sites:
+        from sagmq.client.multisite import parse_sites, serve_sites  # (it imports this module)
+
+        if args.site:
+            p.error("--site and --sites exclude each other")
+        settings = replace(settings, allow_custom_code=settings.allow_custom_code or args.allow_custom_code)
+        return serve_sites(settings, parse_sites(args.sites, args.site_prefix), args.workers)
+    site = args.site or settings.site or default_site_name()
+    if SITE_NUMBER not in site:
+        settings = settings.with_site(site)
+    else:  # site-{n}: the lowest free number, held while this process lives (sagmq.amqp.claim)
+        from sagmq.amqp.claim import SiteClaim
+
+        claim = SiteClaim(settings)
+        settings = settings.with_site(claim.claim(site))
     if args.allow_custom_code:
         settings = replace(settings, allow_custom_code=True)
-    return serve("client", ClientService, settings=settings, service_topology_too=False, keep_freed=True)
+    if SITE_NUMBER not in site:
+        return serve("client", ClientService, settings=settings, service_topology_too=False, keep_freed=True)
+    try:
+        code = serve("client", ClientService, settings=settings, service_topology_too=False, keep_freed=True,
+                     on_start=lambda svc: claim.watch(svc.stop.set))
+    finally:
+        claim.close()
+    return EXIT_FAILED if claim.lost else code

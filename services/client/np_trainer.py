@@ -13,6 +13,7 @@ from sagmq.client.api import (
     DXO,
     NUM_STEPS_CURRENT_ROUND,
     RC_BAD_TASK_DATA,
+    RC_EXECUTION_RESULT_ERROR,
     RC_TASK_ABORTED,
     RC_TASK_UNKNOWN,
     WEIGHTS,
@@ -42,12 +43,16 @@ class NPTrainer(Executor):
         self.delta = delta
         self.sleep_time = sleep_time
         self.train_task_name = train_task_name
+        self.submit_model_task_name = submit_model_task_name
         self.model_name = model_name
         self.model_dir = model_dir
         self._saving: threading.Thread | None = None
 
     def execute(self, task_name: str, dxo: DXO, ctx: TaskContext) -> DXO:
-        """Train (add delta) on the train task; anything else is unknown."""
+        """Train (add delta) on the train task, return the local model on the submit_model task (cross-site
+        evaluation); anything else is unknown."""
+        if task_name == self.submit_model_task_name and task_name != self.train_task_name:
+            return self._submit_model(ctx)
         if task_name != self.train_task_name:
             raise TaskError(RC_TASK_UNKNOWN, f"NPTrainer does not serve task {task_name!r}")
         if dxo.kind != WEIGHTS:
@@ -65,6 +70,18 @@ class NPTrainer(Executor):
         if "numpy_key" in out:
             self._save_local(ctx, ctx.workdir / self.model_dir / self.model_name, out["numpy_key"])
         return DXO(WEIGHTS, out, {NUM_STEPS_CURRENT_ROUND: 1})
+
+    def _submit_model(self, ctx: TaskContext) -> DXO:
+        """The local model saved by the last training (NVFlare's NPTrainer: EXECUTION_RESULT_ERROR without one)."""
+        self.wait_saved()
+        path = ctx.workdir / self.model_dir / self.model_name
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise TaskError(RC_EXECUTION_RESULT_ERROR, f"local model not found: {e}") from e
+        if ctx.aborted():
+            raise TaskError(RC_TASK_ABORTED, "aborted while submitting the model")
+        return DXO(WEIGHTS, {"numpy_key": arr})
 
     def quick(self, task_name: str, dxo: DXO) -> bool:
         """Adding delta to a small model, with no sleep: microseconds, plus a small file write."""

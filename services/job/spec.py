@@ -16,7 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sagmq.wire.codec import WEIGHT_DIFF, WEIGHTS
+from sagmq.filters.chain import FILTER_ALIASES, Filters, check_builtin_args, parse_filter_entry, parse_filters
+from sagmq.job.collection_spec import CollectionConfigError, KeySettings, resolve_collection
+from sagmq.job.cross_site_spec import (
+    CSE,
+    CSE_CLASSES,
+    CSE_NVFLARE,
+    VALIDATOR,
+    CSEConfig,
+    cse_warnings,
+    implicit_components,
+    parse_validator_args,
+    resolve_cse,
+)
+from sagmq.wire.codec import COLLECTION, WEIGHT_DIFF, WEIGHTS
 from sagmq.wire.errors import JobSpecError
 
 Files = dict[str, bytes]
@@ -37,6 +50,7 @@ CLASSES: dict[str, str] = {
     GENERATOR: "sagmq.server.full_model_shareable_generator.FullModelShareableGenerator",
     PERSISTOR: "sagmq.persistor.np_model_persistor.NPModelPersistor",
     TRAINER: "sagmq.client.np_trainer.NPTrainer",
+    **CSE_CLASSES,  # cross-site evaluation (sagmq.job.cross_site_spec)
 }
 
 # NVFlare's component paths (and their package shortcuts), so an NVFlare job folder runs unchanged.
@@ -49,6 +63,7 @@ _NVFLARE: dict[str, str] = {
     "nvflare.app_common.shareablegenerators.FullModelShareableGenerator": GENERATOR,
     "nvflare.app_common.np.np_model_persistor.NPModelPersistor": PERSISTOR,
     "nvflare.app_common.np.np_trainer.NPTrainer": TRAINER,
+    **CSE_NVFLARE,
 }
 
 # Every path a job may name a component by (NVFlare's, sagmq's own, the bare class name) -> the import
@@ -66,9 +81,14 @@ def component_name(path: str) -> str | None:
     return None if target is None else target.rsplit(".", 1)[1]
 
 
-# SAG arguments NVFlare accepts that have no effect in sagmq.
-_SAG_IGNORED = {"task_check_period", "snapshot_every_n_rounds", "allow_empty_global_weights",
-                "memory_gc_rounds", "enable_tensor_disk_offload"}
+# SAG arguments NVFlare accepts that have no effect in sagmq: checked as NVFlare checks them, and a job
+# that sets one is told so (JobSpec.warnings; the README lists them)
+_SAG_IGNORED = {
+    "task_check_period": "sagmq reacts to messages; there is no task polling period",
+    "allow_empty_global_weights": "the persistor always gives a model (saved, checkpoint, config or default)",
+    "memory_gc_rounds": "the services free each round's buffers as they go; there is no gc cycle to tune",
+    "enable_tensor_disk_offload": "large results are streamed part by part, never held whole",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +102,7 @@ class SAGConfig:
     train_timeout: float = 0.0
     ignore_result_error: bool | None = None
     persist_every_n_rounds: int = 1
+    snapshot_every_n_rounds: int = 1
     train_task_name: str = "train"
     aggregator_id: str = "aggregator"
     persistor_id: str = ""
@@ -92,10 +113,11 @@ class SAGConfig:
 class AggregatorConfig:
     """InTimeAccumulateWeightedAggregator's arguments."""
 
-    expected_data_kind: str = WEIGHT_DIFF
+    expected_data_kind: str = WEIGHT_DIFF  # COLLECTION when the job gave a dict: collection holds the keys
     aggregation_weights: dict[str, float] = field(default_factory=dict)
     exclude_vars: str = ""
     weigh_by_local_iter: bool = True
+    collection: dict[str, KeySettings] = field(default_factory=dict)  # NVFlare's collection mode, per key
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +153,9 @@ class JobSpec:
     aggregator: AggregatorConfig
     persistor: PersistorConfig | None
     files: Files
+    cse: CSEConfig | None = None
+    filters: Filters = field(default_factory=dict)  # the server's task_data_filters / task_result_filters
+    warnings: tuple[str, ...] = ()  # settings accepted that have no effect in sagmq (README), for the submitter  # a CrossSiteModelEval workflow after ScatterAndGather
 
     def client_apps(self) -> dict[str, Files]:
         """Files of every app deployed to sites, keyed by app name."""
@@ -223,7 +248,7 @@ def _check_format(file: str, cfg: dict[str, Any]) -> None:
 def parse_sag(file: str, args: dict[str, Any]) -> SAGConfig:
     """Validate ScatterAndGather's args as NVFlare does."""
     d = SAGConfig()
-    unknown = set(args) - set(SAGConfig.__dataclass_fields__) - _SAG_IGNORED
+    unknown = set(args) - set(SAGConfig.__dataclass_fields__) - set(_SAG_IGNORED)
     if unknown:
         raise JobSpecError(file, f"workflows[0].args.{sorted(unknown)[0]}", "is not a ScatterAndGather argument")
     f = f"{file}"
@@ -231,6 +256,7 @@ def parse_sag(file: str, args: dict[str, Any]) -> SAGConfig:
     ire = args.get("ignore_result_error", d.ignore_result_error)
     if ire is not None and not isinstance(ire, bool):
         raise JobSpecError(f, a + "ignore_result_error", "must be true, false or null")
+    _check_sag_ignored(f, a, args)
     return SAGConfig(
         min_clients=_num(f, a + "min_clients", args.get("min_clients", d.min_clients), 1, True),
         num_rounds=_num(f, a + "num_rounds", args.get("num_rounds", d.num_rounds), 0, True),
@@ -241,6 +267,8 @@ def parse_sag(file: str, args: dict[str, Any]) -> SAGConfig:
         train_timeout=float(_num(f, a + "train_timeout", args.get("train_timeout", 0))),
         ignore_result_error=ire,
         persist_every_n_rounds=_num(f, a + "persist_every_n_rounds", args.get("persist_every_n_rounds", 1), 0, True),
+        snapshot_every_n_rounds=_num(f, a + "snapshot_every_n_rounds", args.get("snapshot_every_n_rounds", 1), 0,
+                                     True),
         train_task_name=_str(f, a + "train_task_name", args.get("train_task_name", d.train_task_name)),
         aggregator_id=_str(f, a + "aggregator_id", args.get("aggregator_id", d.aggregator_id)),
         persistor_id=_str(f, a + "persistor_id", args.get("persistor_id", d.persistor_id)),
@@ -250,12 +278,47 @@ def parse_sag(file: str, args: dict[str, Any]) -> SAGConfig:
     )
 
 
+def _check_sag_ignored(f: str, a: str, args: dict[str, Any]) -> None:
+    """The SAG arguments sagmq ignores still get NVFlare's checks: a value NVFlare refuses is refused."""
+    if "task_check_period" in args:
+        v = args["task_check_period"]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            raise JobSpecError(f, a + "task_check_period", f"must be a number > 0, got {v!r}")
+    if "memory_gc_rounds" in args:
+        _num(f, a + "memory_gc_rounds", args["memory_gc_rounds"], 0, True)
+    for key in ("allow_empty_global_weights", "enable_tensor_disk_offload"):
+        if key in args and not isinstance(args[key], bool):
+            raise JobSpecError(f, a + key, f"must be true or false, got {args[key]!r}")
+
+
+def sag_warnings(file: str, args: dict[str, Any]) -> list[str]:
+    """A warning for each ScatterAndGather argument set that has no effect in sagmq."""
+    return [f"{file}: workflows[0].args.{k} has no effect in sagmq ({why})"
+            for k, why in _SAG_IGNORED.items() if k in args]
+
+
+def _parse_collection(file: str, fld: str, args: dict[str, Any]) -> AggregatorConfig:
+    """expected_data_kind as a dict (NVFlare's collection mode): every key's kind, weights and exclude_vars,
+    by NVFlare's rules (sagmq.aggregator.collection)."""
+    try:
+        keys = resolve_collection(args["expected_data_kind"], args.get("aggregation_weights"),
+                                  args.get("exclude_vars"))
+    except CollectionConfigError as e:
+        raise JobSpecError(file, f"{fld}.{e.field}", e.problem) from e
+    wbl = args.get("weigh_by_local_iter", True)
+    if not isinstance(wbl, bool):
+        raise JobSpecError(file, f"{fld}.weigh_by_local_iter", "must be true or false (one flag for every key)")
+    return AggregatorConfig(COLLECTION, {}, "", wbl, keys)
+
+
 def parse_aggregator(file: str, fld: str, args: dict[str, Any]) -> AggregatorConfig:
     """Validate InTimeAccumulateWeightedAggregator's args."""
-    unknown = set(args) - set(AggregatorConfig.__dataclass_fields__)
+    unknown = set(args) - (set(AggregatorConfig.__dataclass_fields__) - {"collection"})
     if unknown:
         raise JobSpecError(file, f"{fld}.{sorted(unknown)[0]}", "is not an aggregator argument")
     kind = args.get("expected_data_kind", WEIGHT_DIFF)
+    if isinstance(kind, dict):
+        return _parse_collection(file, fld, args)
     if kind not in (WEIGHTS, WEIGHT_DIFF):
         raise JobSpecError(file, f"{fld}.expected_data_kind", f"must be WEIGHTS or WEIGHT_DIFF, got {kind!r}")
     weights = args.get("aggregation_weights") or {}
@@ -330,6 +393,9 @@ def parse_client_config(files: Files, app: str = "") -> list[ExecutorSpec]:
         canon = component_name(path)
         if canon == TRAINER:
             out.append(ExecutorSpec(tuple(tasks), TRAINER, parse_trainer_args(name, f"{fld}.executor.args", args), False))
+        elif canon == VALIDATOR:
+            out.append(ExecutorSpec(tuple(tasks), VALIDATOR, parse_validator_args(name, f"{fld}.executor.args", args),
+                                    False))
         elif canon is not None:
             raise JobSpecError(name, f"{fld}.executor.path", f"{path} is not an executor")
         else:
@@ -372,18 +438,83 @@ def _parse_components(sfile: str, cfg: dict[str, Any]) -> dict[str, tuple[str, d
         cid = c.get("id")
         if not isinstance(cid, str) or not cid:
             raise JobSpecError(sfile, f"{fld}.id", "is missing")
-        canon = component_name(path)
+        canon = component_name(path) or FILTER_ALIASES.get(path)
         if canon is None:
             raise JobSpecError(sfile, f"{fld}.path", f"{path!r} is not a component sagmq provides")
+        if canon in FILTER_ALIASES.values():  # a filter the file's filter lists name by id
+            check_builtin_args(sfile, f"{fld}.args", canon, c.get("args", {}))
         comps[cid] = (canon, c.get("args", {}), fld)
     return comps
+
+
+# --- filters, client components and the settings that have no effect (sagmq.filters) -------------
+
+
+def _referenced(cfg: dict[str, Any]) -> set[str]:
+    """Component ids the file's workflows and filter lists name (by an argument's value, or a filter's id)."""
+    out: set[str] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            out.add(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    for key in ("workflows", "task_data_filters", "task_result_filters"):
+        walk(cfg.get(key, []))
+    return out
+
+
+def _unused_components(file: str, cfg: dict[str, Any]) -> list[str]:
+    """A warning for each component nothing in the file refers to: its args have no effect."""
+    used = _referenced(cfg) | implicit_components(cfg)  # (a CrossSiteModelEval's ValidationJsonGenerator)
+    comps = cfg.get("components", [])
+    return [f"{file}: components[{i}] (id {c.get('id')!r}) is used by no workflow, executor or filter: "
+            f"it has no effect in sagmq" for i, c in enumerate(comps if isinstance(comps, list) else [])
+            if isinstance(c, dict) and c.get("id") not in used]
+
+
+def parse_server_filters(files: Files, server_app: str) -> tuple[Filters, list[str]]:
+    """The server app's filters (built-in ones only: sagmq runs no job code on the server side) and the
+    warnings for its settings that have no effect."""
+    sfile = f"{server_app}/config/config_fed_server.json"
+    cfg = _json(files, sfile)
+    filters = parse_filters(sfile, cfg, files, f"{server_app}/custom/", allow_custom=False)
+    wfs = cfg.get("workflows")
+    args = wfs[0].get("args", {}) if isinstance(wfs, list) and wfs and isinstance(wfs[0], dict) else {}
+    return filters, (sag_warnings(sfile, args if isinstance(args, dict) else {}) + _unused_components(sfile, cfg)
+                     + cse_warnings(sfile, cfg))
+
+
+def parse_client_filters(files: Files, app: str = "") -> tuple[Filters, list[str]]:
+    """A client app's filters (and, by id, its components, which must be filters: built-in, or a class in
+    custom/), with a warning for each component nothing uses; files keyed as for parse_client_config."""
+    base = f"{app}/" if app else ""
+    name = f"{base}config/config_fed_client.json"
+    cfg = _json(files, name)
+    comps = cfg.get("components", [])
+    if not isinstance(comps, list):
+        raise JobSpecError(name, "components", "must be a list")
+    for i, c in enumerate(comps):
+        fld = f"components[{i}]"
+        component_path(name, fld, c)
+        if not isinstance(c.get("id"), str) or not c["id"]:
+            raise JobSpecError(name, f"{fld}.id", "is missing")
+        parse_filter_entry(name, fld, c, {}, ("*",), files, f"{base}custom/")  # a built-in's args, or custom/
+    return parse_filters(name, cfg, files, f"{base}custom/"), _unused_components(name, cfg)
 
 
 def _parse_workflow(sfile: str, cfg: dict[str, Any]) -> SAGConfig:
     """The server app's one workflow, which must be ScatterAndGather."""
     wfs = cfg.get("workflows")
-    if not isinstance(wfs, list) or len(wfs) != 1:
-        raise JobSpecError(sfile, "workflows", "must list exactly one workflow (ScatterAndGather)")
+    if not isinstance(wfs, list) or len(wfs) not in (1, 2):
+        raise JobSpecError(sfile, "workflows", "must list ScatterAndGather, optionally followed by CrossSiteModelEval")
+    if len(wfs) == 2 and component_name(component_path(sfile, "workflows[1]", wfs[1])) != CSE:
+        raise JobSpecError(sfile, "workflows[1].path", "sagmq runs CrossSiteModelEval after ScatterAndGather, nothing else")
     wpath = component_path(sfile, "workflows[0]", wfs[0])
     if component_name(wpath) != SAG:
         raise JobSpecError(sfile, "workflows[0].path", f"{wpath!r}: sagmq runs ScatterAndGather workflows only")
@@ -420,6 +551,18 @@ def _parse_server_app(
     return sag, aggregator, persistor
 
 
+def _parse_cse(files: Files, server_app: str, persistor: PersistorConfig | None) -> CSEConfig | None:
+    """The server app's second workflow, CrossSiteModelEval, if it has one (sagmq.job.cross_site_spec)."""
+    sfile = f"{server_app}/config/config_fed_server.json"
+    cfg = _json(files, sfile)
+    wfs = cfg.get("workflows")
+    if not isinstance(wfs, list) or len(wfs) < 2:
+        return None
+    args = wfs[1].get("args", {})
+    saved_as = None if persistor is None else (persistor.model_dir, persistor.model_name)
+    return resolve_cse(sfile, "workflows[1]", args, _parse_components(sfile, cfg), saved_as)
+
+
 def parse_job(files: Files) -> JobSpec:
     """Validate a whole job; raise JobSpecError naming the file and field at fault."""
     meta = _json(files, "meta.json")
@@ -436,9 +579,12 @@ def parse_job(files: Files) -> JobSpec:
     if not isinstance(resource_spec, dict):
         raise JobSpecError("meta.json", "resource_spec", "must be an object")
     sag, aggregator, persistor = _parse_server_app(files, server_apps[0])
+    cse = _parse_cse(files, server_apps[0], persistor)
+    filters, warnings = parse_server_filters(files, server_apps[0])
     for app, sites in deploy_map.items():
         if any(s != SERVER for s in sites):
             parse_client_config(files, app)
+            warnings += parse_client_filters(files, app)[1]
     return JobSpec(
         name=name,
         meta=meta,
@@ -449,4 +595,7 @@ def parse_job(files: Files) -> JobSpec:
         aggregator=aggregator,
         persistor=persistor,
         files=files,
+        cse=cse,
+        filters=filters,
+        warnings=tuple(warnings),
     )

@@ -182,7 +182,7 @@ class MemoryBus:
         wire = msg.to_wire()
         h = dict(headers or {})
         if cc:
-            h["CC"] = list(cc)
+            h["BCC"] = list(cc)  # as the AMQP bus sends it (the broker removes it before delivery)
         chunk = self.settings.chunk_bytes
         if bulk_bytes(msg, wire) > chunk:
             blob = uuid.uuid4().hex

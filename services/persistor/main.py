@@ -16,6 +16,7 @@ dead-lettered and the model.saved says gave_up, and the server fails the job wit
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sagmq.persistor.np_model_persistor import NPModelPersistor
+from sagmq.persistor.np_model_persistor import NPModelPersistor, write_model
 from sagmq.runtime.lifecycle import serve
+from sagmq.storage.files import atomic_write, atomic_write_with
 from sagmq.wire.bus import Bus, Delivery
 from sagmq.wire.codec import DXO, WEIGHTS
 from sagmq.wire.errors import Rejected, SagmqError
@@ -38,6 +40,7 @@ from sagmq.wire.messages import (
     AdminReply,
     AdminRequest,
     Control,
+    CrossValSave,
     JobEvent,
     ModelCommit,
     ModelLoad,
@@ -208,6 +211,8 @@ class PersistorService:
                                        "status": ev.status, "reason": ev.reason})
             if ev.history:  # merged: a record never loses its round to a stale copy
                 p.merge_history(ev.history, at_once=True)
+        elif d.msg_type == CrossValSave.TYPE:
+            self.on_cross_val(d.message(CrossValSave, limit))
         elif d.msg_type == AdminRequest.TYPE:
             self.on_admin(d, d.message(AdminRequest, limit))
         elif d.msg_type == Control.TYPE:
@@ -236,7 +241,7 @@ class PersistorService:
         try:
             p = self._locate(m.job_id, m.model_dir, m.model_name)
             p.model, p.source_ckpt_file_full_name = m.initial, m.source
-            loaded = p.load()
+            loaded = p.load(m.snapshot_every_n_rounds)
         except (SagmqError, OSError, ValueError) as e:
             log.error("cannot load the model of job %s: %s", m.job_id, e)
             self.bus.publish(self.bus.names.events, RK_MODEL_LOADED,
@@ -263,7 +268,7 @@ class PersistorService:
         """Save now and ack the deliveries, or, if the disk refuses it or an earlier save of the job waits
         for the disk, hold them unacked and save in turn (see the module docstring)."""
         p = self._locate(job_id, model_dir, model_name)
-        w = _Write(job_id, rnd, dxo, model_dir, model_name, history, final, how, p.model_path, deliveries)
+        w = _Write(job_id, rnd, dxo, model_dir, model_name, history, final, how, p.model_file(dxo.data), deliveries)
         st = self.stalled.get(job_id)
         if st is not None:
             _hold(w)
@@ -450,6 +455,32 @@ class PersistorService:
                 del held[job_id]
                 self.bus.ack(h.delivery)
 
+    def on_cross_val(self, m: CrossValSave) -> None:
+        """Cross-site evaluation's output, in the job's folder as NVFlare lays it out: a submitted model as
+        <cross_val_dir>/model_shareables/<site>.npy (.npz for several arrays), the results matrix as the JSON
+        file it names (cross_site_val/cross_val_results.json). Acked once written and fsynced; a disk that
+        refuses it dead-letters it with the error (the job's results are then missing from download)."""
+        p = self.persistor(m.job_id)
+        try:
+            if m.model_owner:
+                check_name("model owner", m.model_owner)
+                dxo = m.dxo
+                if dxo is None or not dxo.data:
+                    raise Rejected(f"cross-site model of {m.model_owner} for job {m.job_id} carries no arrays")
+                npz = len(dxo.data) > 1
+                path = _inside(p.job_dir, f"{m.cross_val_dir}/model_shareables/{m.model_owner}.{'npz' if npz else 'npy'}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_with(path, lambda f: write_model(f, dict(dxo.data), npz))
+                log.info("saved the model %s submitted for cross-site evaluation of job %s to %s", m.model_owner,
+                         m.job_id, path)
+            if m.results_path:
+                path = _inside(p.job_dir, m.results_path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, json.dumps(m.results, indent=2, sort_keys=True).encode())
+                log.info("saved the cross-site evaluation results of job %s to %s", m.job_id, path)
+        except OSError as e:
+            raise Rejected(f"cannot save cross-site evaluation output of job {m.job_id}: {e}") from e
+
     def on_admin(self, d: Delivery, req: AdminRequest) -> None:
         """download JOB_ID: every file the persistor holds for the job."""
         if req.command != "download":
@@ -463,6 +494,14 @@ class PersistorService:
             self.bus.reply(d, AdminReply(False, error=str(e)))
             return
         self.bus.reply(d, AdminReply(True, {"job_id": job_id, "count": len(files)}, files=files))
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """root/rel, refused (Rejected) if it would leave root."""
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents:
+        raise Rejected(f"path {rel!r} leaves the job's folder")
+    return path
 
 
 def _hold(w: _Write) -> None:

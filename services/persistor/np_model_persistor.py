@@ -6,6 +6,11 @@ half-written model::
 
     jobs/<job_id>/<model_dir>/<model_name>     the latest global model (models/server.npy)
     jobs/<job_id>/<model_dir>/round-<r>.npy    the global model after round r
+
+The file name says its format, as NPModelPersistor would load it: a model of one array
+(``numpy_key``) is a ``.npy``; a model of several arrays is a ``.npz`` (model_name with its
+extension replaced: ``server.npz``), and so is its round's snapshot. A model that changes from
+one to several arrays leaves no stale file of the other format behind.
     jobs/<job_id>/meta.json, history.json      the job's meta and round history
 
 A round's snapshot is a hard link to the file the model was written as, so the last saved
@@ -19,7 +24,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeGuard
@@ -52,6 +57,17 @@ def write_model(f: BinaryIO, weights: dict[str, np.ndarray], npz: bool) -> None:
     else:
         (arr,) = weights.values()
         write_npy(f, arr)
+
+
+def model_file_name(model_name: str, npz: bool) -> str:
+    """The file a model is saved as: model_name with the extension of its format (.npz: several arrays)."""
+    stem = model_name[:-4] if model_name.endswith((".npy", ".npz")) else model_name
+    return stem + (".npz" if npz else ".npy")
+
+
+def is_npz(weights: Mapping[str, np.ndarray]) -> bool:
+    """Whether a model is saved as .npz: anything but one array named numpy_key."""
+    return not (len(weights) == 1 and NUMPY_KEY in weights)
 
 
 def read_model(path: Path) -> dict[str, np.ndarray]:
@@ -88,7 +104,35 @@ class NPModelPersistor:
 
     @property
     def model_path(self) -> Path:
-        return self.job_dir / self.model_dir / self.model_name
+        """Where a one-array model is saved (a model of several arrays goes to its .npz: model_file)."""
+        return self.job_dir / self.model_dir / model_file_name(self.model_name, False)
+
+    def model_file(self, weights: Mapping[str, np.ndarray]) -> Path:
+        """Where this model is saved: .npy for one array, .npz for several."""
+        return self.job_dir / self.model_dir / model_file_name(self.model_name, is_npz(weights))
+
+    def _resume_point(self, n: int) -> tuple[int, Path] | None:
+        """(round, file) a resumed job starts after: the last save (n = 1), the last saved round that was
+        snapshot-due (its snapshot file, which keeps that round's model after later saves replaced the
+        model file), or none (n = 0, or no due round saved yet)."""
+        last = self.last_saved()
+        if last is None or n == 0:
+            return None
+        if n == 1:
+            saved = self._saved_file()
+            return None if saved is None else (last[0], saved)
+        folder = self.job_dir / last[1]
+        due = [(int(m.group(1)), folder / m.group(0)) for m in (SNAPSHOT.fullmatch(p.name) for p in folder.iterdir())
+               if m is not None and int(m.group(1)) <= last[0] and (int(m.group(1)) + 1) % n == 0]
+        return max(due) if due else None
+
+    def _saved_file(self) -> Path | None:
+        """The file of the job's last save (its snapshot's twin), if it is still there."""
+        last = self.last_saved()
+        if last is None:
+            return None
+        path = self.job_dir / last[1] / last[2]
+        return path if path.is_file() else None
 
     # --- the model --------------------------------------------------------------------------
 
@@ -105,11 +149,13 @@ class NPModelPersistor:
             self._last, self._last_known = _find_last(self.job_dir), True
         return self._last
 
-    def load(self) -> LoadedModel:
-        """The job's saved model if any; else the source checkpoint, the configured list, or NVFlare's default."""
-        last = self.last_round()
-        if self.model_path.exists() and last is not None:
-            return LoadedModel(read_model(self.model_path), "saved", last)
+    def load(self, snapshot_every_n_rounds: int = 1) -> LoadedModel:
+        """The job's saved model to resume from, if any (ScatterAndGather's snapshot_every_n_rounds: the last
+        saved round r with (r + 1) % n == 0, from its snapshot; n = 0: none); else the source checkpoint, the
+        configured list, or NVFlare's default."""
+        resume = self._resume_point(snapshot_every_n_rounds)
+        if resume is not None:
+            return LoadedModel(read_model(resume[1]), "saved", resume[0])
         if self.source_ckpt_file_full_name:
             src = Path(self.source_ckpt_file_full_name)
             if not src.is_file():
@@ -126,11 +172,14 @@ class NPModelPersistor:
 
     def save(self, rnd: int, weights: dict[str, np.ndarray]) -> Path:
         """Save a round's model: one durable write, as the model file and its round's snapshot."""
-        npz = not (len(weights) == 1 and NUMPY_KEY in weights)
-        path = self.model_path
+        npz = is_npz(weights)
+        path = self.model_file(weights)
         ext = ".npz" if npz else ".npy"
         atomic_write_with(path, lambda f: write_model(f, weights, npz), also=path.parent / f"round-{rnd}{ext}")
-        self._last, self._last_known = (rnd, self.model_dir, self.model_name), True
+        other = path.with_name(model_file_name(self.model_name, not npz))
+        if other != path:  # the model changed format: the old file would be a stale model under another name
+            other.unlink(missing_ok=True)
+        self._last, self._last_known = (rnd, self.model_dir, path.name), True
         return path
 
     # --- meta and history -------------------------------------------------------------------

@@ -13,8 +13,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sagmq.amqp import AmqpBus
+from sagmq.amqp.connection import AUTH_ERRORS
+from sagmq.runtime.health import HealthWriter, health_path
 from sagmq.runtime.logs import setup_logging
+from sagmq.runtime.metrics import Meter, serve_metrics
 from sagmq.wire.bus import Bus
+from sagmq.wire.errors import BrokerUnavailable
 from sagmq.wire.settings import Settings, load_settings
 from sagmq.wire.topology import service_topology
 
@@ -81,9 +85,19 @@ class Service(Protocol):
         """Serve until stop is set."""
 
 
+def refused_line(e: BrokerUnavailable, settings: Settings) -> str | None:
+    """The one log line for credentials the broker refused (None for other failures)."""
+    if isinstance(e.__cause__, AUTH_ERRORS):
+        return f"the broker refused user {settings.amqp_user}: check SAGMQ_AMQP_URL ({e.reason})"
+    return None
+
+
 def serve(name: str, build: Callable[[Settings, Bus], Service], argv: list[str] | None = None,
-          settings: Settings | None = None, service_topology_too: bool = True, keep_freed: bool = False) -> int:
-    """main() of a service: settings, then logging, then the connection, then the service."""
+          settings: Settings | None = None, service_topology_too: bool = True, keep_freed: bool = False,
+          on_start: Callable[[Service], None] | None = None) -> int:
+    """main() of a service: settings, then logging, then the connection, then the service (on_start(svc)
+    just before it runs). Refused credentials (at start or on a reconnect) raise BrokerUnavailable
+    (exit 3) after one clear log line."""
     if settings is None:
         argparse.ArgumentParser(prog=f"sagmq {name}", description=f"Run the sagmq {name} service.").parse_args(argv)
         settings = load_settings()
@@ -91,13 +105,34 @@ def serve(name: str, build: Callable[[Settings, Bus], Service], argv: list[str] 
     setup_logging(settings.log_level, f"{name}[{site}]" if site else name)
     if keep_freed:  # (the sites and the aggregator, which move several models' worth of bytes a round)
         keep_freed_memory()
-    bus = AmqpBus(settings, f"{name}-{site}" if site else name).connect()
-    if service_topology_too:
-        bus.declare(service_topology(settings.prefix, settings))
-    svc = build(settings, bus)
-    install_stop_signals(svc.stop)
+    meter = Meter(name, site)
+    # served before connecting: a taken port fails at once, not after a wait for the broker
+    metrics = serve_metrics(meter, settings.metrics_port)  # (SAGMQ_METRICS_PORT; 0: none)
     try:
+        bus = AmqpBus(settings, f"{name}-{site}" if site else name, meter=meter).connect()
+    except BrokerUnavailable as e:
+        logging.getLogger(__name__).error("%s", refused_line(e, settings) or e)
+        if metrics is not None:
+            metrics.close()
+        raise
+    health: HealthWriter | None = None
+    try:
+        if service_topology_too:
+            bus.declare(service_topology(settings.prefix, settings))
+        svc = build(settings, bus)
+        install_stop_signals(svc.stop)
+        if on_start is not None:
+            on_start(svc)
+        health = HealthWriter(health_path(settings, name, site), name, site, lambda: not bus.broken(),
+                              bus.call_threadsafe).start()
         svc.run()
+    except BrokerUnavailable as e:  # a reconnect that failed for good
+        logging.getLogger(__name__).error("%s", refused_line(e, settings) or e)
+        raise
     finally:
+        if health is not None:
+            health.close()
+        if metrics is not None:
+            metrics.close()
         bus.close()
     return 0

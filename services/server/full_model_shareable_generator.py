@@ -2,7 +2,8 @@
 
 NVFlare's component of that name converts between the "learnable" (the global model the
 server keeps) and the "shareable" (what travels to the sites and back). In sagmq the model
-is a dict of named ndarrays and the shareable is a DXO.
+is a dict of named ndarrays and the shareable is a DXO. Beyond NVFlare, a COLLECTION aggregate
+(expected_data_kind as a dict) is applied by merging its sub-DXOs (see _merged).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sagmq.wire.codec import DXO, WEIGHT_DIFF, WEIGHTS
+from sagmq.wire.codec import COLLECTION, DXO, METRICS, WEIGHT_DIFF, WEIGHTS
 from sagmq.wire.errors import SagmqError
 
 Weights = dict[str, np.ndarray]
@@ -34,10 +35,13 @@ def apply_aggregate(global_weights: Weights, dxo: DXO | None) -> Weights:
     """WEIGHTS replace the variables they carry; WEIGHT_DIFF is added to the global model.
 
     An empty or missing aggregate (no accepted contribution) leaves the model as it is, as
-    NVFlare does. Unlike NVFlare, variables that the aggregate does not carry (exclude_vars)
+    NVFlare does. A WEIGHT_DIFF is added as NVFlare adds it (global + diff, the result in numpy's
+    promoted dtype, never cast back). Unlike NVFlare, variables that the aggregate does not carry (exclude_vars)
     keep their global value instead of disappearing from the model. The input dict is never
     changed; a new dict is returned.
     """
+    if dxo is not None and dxo.kind == COLLECTION:
+        return _merged(global_weights, dxo)
     if dxo is None or not dxo.data:
         return global_weights
     if dxo.kind == WEIGHTS:
@@ -45,6 +49,38 @@ def apply_aggregate(global_weights: Weights, dxo: DXO | None) -> Weights:
     if dxo.kind == WEIGHT_DIFF:
         return _added(global_weights, dxo.data)
     raise SagmqError(f"FullModelShareableGenerator cannot apply a {dxo.kind} aggregate")
+
+
+def _merged(global_weights: Weights, dxo: DXO) -> Weights:
+    """A COLLECTION aggregate (NVFlare's collection mode), which NVFlare's generator cannot apply: each WEIGHTS
+    or WEIGHT_DIFF sub-DXO is applied in turn as above; METRICS sub-DXOs are not model variables and are left
+    out (collection_metrics gives them for the round's history). A variable carried by two sub-DXOs is refused:
+    which one should win is not the generator's to guess."""
+    owner: dict[str, str] = {}
+    for key, sub in dxo.subs.items():
+        if sub.kind == METRICS:
+            continue
+        if sub.kind not in (WEIGHTS, WEIGHT_DIFF):
+            raise SagmqError(f"FullModelShareableGenerator cannot apply sub-DXO {key!r} of kind {sub.kind}")
+        for name in sub.data:
+            if name in owner:
+                raise SagmqError(f"the COLLECTION aggregate carries variable {name!r} in both sub-DXO "
+                                 f"{owner[name]!r} and {key!r}: refused, a variable is applied from one key only")
+            owner[name] = key
+    out = global_weights
+    for sub in dxo.subs.values():
+        if sub.kind in (WEIGHTS, WEIGHT_DIFF) and sub.data:
+            out = _replaced(out, sub.data) if sub.kind == WEIGHTS else _added(out, sub.data)
+    return out
+
+
+def collection_metrics(dxo: DXO | None) -> dict[str, dict[str, Any]]:
+    """The METRICS sub-DXOs of a COLLECTION aggregate as plain values, {key: {name: number or list}}
+    (for the round's history); empty for any other aggregate."""
+    if dxo is None or dxo.kind != COLLECTION:
+        return {}
+    return {key: {name: np.asarray(v).tolist() for name, v in sub.data.items()}
+            for key, sub in dxo.subs.items() if sub.kind == METRICS}
 
 
 def _replaced(global_weights: Weights, new: Mapping[str, np.ndarray]) -> Weights:
@@ -61,7 +97,7 @@ def _added(global_weights: Weights, diff: Mapping[str, np.ndarray]) -> Weights:
     for k, v in diff.items():
         if k not in global_weights:
             raise SagmqError(f"WEIGHT_DIFF carries variable {k!r}, which the global model lacks")
-        base = global_weights[k]
-        # a float64 diff does not promote a float32 model
-        out[k] = (base + v).astype(base.dtype, copy=False)
+        # NVFlare's weights[k] + v, no cast back: an int model plus a float diff becomes float, a float32
+        # model plus a float64 diff float64
+        out[k] = global_weights[k] + v
     return out

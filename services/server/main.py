@@ -14,12 +14,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sagmq.filters.base import TASK_DATA, TASK_RESULT
+from sagmq.filters.sides import result_filters_to_wire, server_task_data, server_task_result
 from sagmq.job.spec import JobSpec, parse_job
 from sagmq.runtime.lifecycle import serve
+from sagmq.runtime.metrics import meter_of
+from sagmq.server.cross_site_model_eval import CrossSiteModelEval, CSEEffect, SaveCrossVal
 from sagmq.server.scatter_and_gather import (
     CloseRound,
     ControlSites,
@@ -48,6 +52,7 @@ from sagmq.wire.messages import (
     ClientHeartbeat,
     Contribution,
     Control,
+    CrossValSave,
     JobEvent,
     Message,
     ModelCommit,
@@ -55,9 +60,11 @@ from sagmq.wire.messages import (
     ModelSave,
     ModelSaved,
     RoundAggregated,
+    TaskResult,
 )
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import (
+    RK_CROSS_VAL_SAVE,
     RK_MODEL_COMMIT,
     RK_MODEL_LOAD,
     RK_MODEL_SAVE,
@@ -70,7 +77,8 @@ from sagmq.wire.topology import (
 log = logging.getLogger(__name__)
 ENDED = (FINISHED, FAILED, ABORTED)
 # the messages of the server queue that go to the running job's ScatterAndGather
-_JOB_EVENTS: dict[str, type[Message]] = {c.TYPE: c for c in (Contribution, RoundAggregated, ModelLoaded, ModelSaved)}
+_JOB_EVENTS: dict[str, type[Message]] = {c.TYPE: c for c in (Contribution, RoundAggregated, ModelLoaded, ModelSaved,
+                                                               TaskResult)}
 
 
 @dataclass(slots=True)
@@ -84,6 +92,9 @@ class Site:
     allow_custom_code: bool
     busy_job: str = ""
     busy_round: int = -1
+    task_id: str = ""  # the last task the site received whole, and its bytes (heartbeat)
+    task_bytes: int = 0
+    receiving_bytes: int = 0  # of the next one, arriving
 
 
 @dataclass(slots=True)
@@ -100,6 +111,8 @@ class Job:
     finished_at: float | None = None
     current_round: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # what CrossSiteModelEval recorded (participants, models, results, failures), if the job has one
+    cross_site_eval: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The job without its history (list and status replies)."""
@@ -113,12 +126,15 @@ class Run:
 
     job: Job
     sag: ScatterAndGather
+    cse: CrossSiteModelEval | None = None  # cross-site evaluation, once ScatterAndGather finished
 
     def sync(self) -> None:
         """Copy the rounds' state into the job record (a resumed job keeps its round until the model loads)."""
         if self.sag.round is not None:
             self.job.current_round = self.sag.round
         self.job.history = self.sag.history_dicts()
+        if self.cse is not None:
+            self.job.cross_site_eval = self.cse.record()
 
 
 class ServerService:
@@ -134,9 +150,15 @@ class ServerService:
         self._specs: dict[str, JobSpec] = {}
         self.sites: dict[str, Site] = {}
         self.site_states: dict[str, SiteState] = {}
+        self.model_bytes: dict[str, int] = {}  # job -> array bytes of its last task that carried the model
         self.run_: Run | None = None
         self._state_saved_at = 0.0
         self._waiting_logged = 0.0
+        # rounds, contributions and sites for the Prometheus metrics (runtime.metrics); the sites are read
+        # when scraped, from another thread: list() copies them at once
+        self.meter = meter_of(bus, "server")
+        self.meter.watch_sites(lambda: {s.name: s.last_seen for s in list(self.sites.values())},
+                               settings.client_timeout_s)
         bus.on_reconnect.append(self.on_reconnect)
         self._load_state()
 
@@ -204,6 +226,8 @@ class ServerService:
         run = self.run_
         if run is None:
             self._schedule(now)
+        elif run.cse is not None:
+            self._apply(run, run.cse.on_tick(now, self.alive(now)))
         else:
             self._apply(run, run.sag.on_tick(now, self.alive(now), self.site_states))
 
@@ -241,6 +265,8 @@ class ServerService:
             meta.update({"deploy_map": spec.deploy_map, "min_clients": spec.min_clients,
                          "num_rounds": spec.sag.num_rounds, "start_round": spec.sag.start_round})
         history = job.history if job.status in ENDED else []
+        if job.cross_site_eval:  # recorded with the job's meta (meta.json)
+            meta["cross_site_eval"] = job.cross_site_eval
         ev = JobEvent(job.job_id, job.name, job.status, job.reason, meta, history)
         if ordered:  # behind a send (a model.commit), on the same channel
             self.bus.send(self.names.events, rk_job(job.status), ev, headers={"job_id": job.job_id})
@@ -255,7 +281,8 @@ class ServerService:
         now = time.monotonic()
         sag = ScatterAndGather(
             job.job_id, spec, heartbeat_s=self.s.heartbeat_s, schedule_timeout_s=self.s.schedule_timeout_s,
-            forward_min_bytes=self.s.forward_min_bytes,
+            # a forwarded aggregate would reach the sites without the server's task_data_filters
+            forward_min_bytes=2**63 if spec.filters.get(TASK_DATA) else self.s.forward_min_bytes,
             wall_offset=time.time() - now, history=[RoundRecord.from_dict(h) for h in job.history],
         )
         run = self.run_ = Run(job, sag)
@@ -279,19 +306,20 @@ class ServerService:
 
     # --- effects ----------------------------------------------------------------------
 
-    def _apply(self, run: Run, effects: list[Effect]) -> None:
+    def _apply(self, run: Run, effects: list[Effect] | list[CSEEffect]) -> None:
         """Carry out the rounds' effects in their order; jobs.json follows a new round at most once a
         second and without fsync (a round can take a few ms): a restart resumes from the persistor's last
         saved round whatever jobs.json says; job starts and ends are written at once and durably."""
         for effect in effects:
             self._carry(run, effect)
+        self.meter.follow(run.sag)
         rnd = run.sag.round
         if self.run_ is run and rnd is not None and rnd != run.job.current_round:  # (the job record lags)
             run.job.current_round = rnd
             if time.monotonic() - self._state_saved_at >= 1.0:
                 self._save_state(sync=False)
 
-    def _carry(self, run: Run, effect: Effect) -> None:
+    def _carry(self, run: Run, effect: Effect | SaveCrossVal) -> None:
         job_id = run.job.job_id
         match effect:
             case SendTask():
@@ -299,24 +327,60 @@ class ServerService:
             case Persist(message=msg):
                 self._persist(run, msg)
             case OpenRound(message=msg):
+                if self._spec(job_id).filters.get(TASK_RESULT):  # the aggregator runs them (sagmq.filters.sides)
+                    msg = replace(msg, result_filters=result_filters_to_wire(self._spec(job_id).filters))
                 self.bus.publish(self.names.events, RK_ROUND_OPEN, msg, headers={"job_id": job_id, "round": msg.round},
                                  advisory=True)
             case CloseRound(message=msg):
                 self.bus.publish(self.names.events, RK_ROUND_CLOSE, msg, headers={"job_id": job_id, "round": msg.round},
                                  advisory=True)
             case LoadModel(message=msg):
+                msg = replace(msg, snapshot_every_n_rounds=self._spec(job_id).sag.snapshot_every_n_rounds)
                 self.bus.publish(self.names.events, RK_MODEL_LOAD, msg, headers={"job_id": job_id})
             case ControlSites(sites=sites, message=msg):
                 self._to_sites(list(sites), msg)
+            case SaveCrossVal(message=msg):
+                self._save_cross_val(msg)
+            case EndJob() if effect.status == FINISHED and run.cse is None and self._spec(job_id).cse is not None:
+                self._start_cross_site(run)
             case EndJob(status=status, reason=reason, ordered=ordered):
                 run.sync()
                 self.run_ = None
                 self._ended(run.job, status, reason, ordered)
 
+    def _start_cross_site(self, run: Run) -> None:
+        """ScatterAndGather finished: the job's CrossSiteModelEval runs next, in the same job (its server model
+        is the final global model, which the persistor has saved by now)."""
+        spec = self._spec(run.job.job_id)
+        assert spec.cse is not None
+        now = time.monotonic()
+        run.sync()
+        model_bytes = sum(v.nbytes for v in run.sag.weights.values())
+        run.cse = CrossSiteModelEval(run.job.job_id, spec, spec.cse, round=run.sag.last_round + 1,
+                                     wall_offset=time.time() - now,
+                                     submit_one_at_a_time=model_bytes >= self.s.chunk_bytes)
+        log.info("job %s: ScatterAndGather finished; CrossSiteModelEval starts", run.job.job_id)
+        self._apply(run, run.cse.start(now, self.alive(now), run.sag.weights))
+
+    def _save_cross_val(self, msg: CrossValSave) -> None:
+        """A submitted model or the results to the persistor, in order on the sending channel (the job's end
+        event follows the results on it)."""
+        def done(err: SagmqError | None) -> None:
+            if err is not None:
+                log.error("cross-site results of job %s did not reach the persistor: %s", msg.job_id, err)
+        self.bus.send(self.names.events, RK_CROSS_VAL_SAVE, msg, headers={"job_id": msg.job_id}, on_done=done)
+
     def _send_task(self, effect: SendTask) -> None:
         """A round's task to its sites, one send fanned out by the broker (CC); the loop does not wait for
         the broker, so it keeps serving while a large task leaves."""
         task, sites = effect.task, list(effect.sites)
+        if self._spec(task.job_id).filters.get(TASK_DATA):  # the server's task_data_filters, before it leaves
+            filtered = server_task_data(self._spec(task.job_id).filters, task)
+            if filtered is None:
+                return  # logged; the round's rules close or fail it without these sites
+            task = filtered
+        if task.dxo.data:  # (a task naming a forwarded model carries none: the last size stands)
+            self.model_bytes[task.job_id] = sum(a.nbytes for a in task.dxo.data.values())
         self.bus.send(self.names.tasks, sites[0], task, cc=sites[1:],
                       headers={"job_id": task.job_id, "round": task.round},
                       expiration_s=effect.expiration_s,
@@ -357,13 +421,16 @@ class ServerService:
         t = d.msg_type
         if t == ClientHeartbeat.TYPE:
             hb = d.message(ClientHeartbeat, limit)
-            if d.user_id != self.s.amqp_user and d.user_id != hb.site:
+            if not self.s.may_speak_for(d.user_id, hb.site):  # (own user, the site's, or a simulation user's)
                 raise Rejected(f"spoofed sender: user {d.user_id!r} sent a heartbeat for site {hb.site!r}")
             self.on_heartbeat(hb)
             return
         cls = _JOB_EVENTS.get(t)
         if cls is None:
             raise Rejected(f"the server queue does not take {t!r} messages")
+        if t == TaskResult.TYPE:
+            self._on_cross_site_result(d)
+            return
         if t == RoundAggregated.TYPE and d.user_id not in (self.s.amqp_user, self.s.aggregator_user):
             raise Rejected(f"spoofed sender: user {d.user_id!r} sent an aggregate (only the aggregator's user "
                            f"{self.s.aggregator_user!r} may)")
@@ -374,6 +441,19 @@ class ServerService:
             log.info("ignoring %s for job %s, which is not running", t, job_id)
             return
         self._apply(run, self._feed(run.sag, msg, time.monotonic()))
+
+    def _on_cross_site_result(self, d: Delivery) -> None:
+        """A site's answer to a submit_model or validate task (the only results that come to the server)."""
+        r = d.message(TaskResult, self.s.max_body_bytes)
+        if not self.s.may_speak_for(d.user_id, r.site):
+            raise Rejected(f"spoofed sender: user {d.user_id!r} sent a result for site {r.site!r}")
+        run = self.run_
+        if run is None or run.job.job_id != r.job_id or run.cse is None:
+            log.info("ignoring a %s result of %s for job %s, which is not in cross-site evaluation", r.task_name,
+                     r.site, r.job_id)
+            return
+        r = server_task_result(self._spec(r.job_id).filters, r)  # the server's task_result_filters
+        self._apply(run, run.cse.on_result(r, time.monotonic()))
 
     @staticmethod
     def _feed(sag: ScatterAndGather, msg: Message, now: float) -> list[Effect]:
@@ -391,7 +471,8 @@ class ServerService:
         """Register the site; a heartbeat naming a forwarded model the site lacks gets it the whole task."""
         now = time.monotonic()
         old = self.sites.get(hb.site)
-        self.sites[hb.site] = Site(hb.site, now, hb.host, hb.pid, hb.allow_custom_code, hb.busy_job, hb.busy_round)
+        self.sites[hb.site] = Site(hb.site, now, hb.host, hb.pid, hb.allow_custom_code, hb.busy_job, hb.busy_round,
+                                   hb.task_id, hb.task_bytes, hb.receiving_bytes)
         # a new process of the site (its hello, or another pid or host if the hello was lost) has none of
         # the tasks the old one took
         new_process = hb.hello or old is None or (old.pid, old.host) != (hb.pid, hb.host)
@@ -454,6 +535,8 @@ class ServerService:
         self._save_state()
         self._publish_job_event(job, spec)
         log.info("job %s (%s) submitted", job.job_id, job.name)
+        for w in spec.warnings:  # settings accepted that have no effect in sagmq (README)
+            log.warning("job %s: %s", job.job_id, w)
         return AdminReply(True, {"job_id": job.job_id})
 
     def _job_status(self, job_id: str, start: Any) -> AdminReply:
@@ -464,17 +547,50 @@ class ServerService:
         if run is not None:
             run.sync()
         out = {**job.summary(), "history": job.history[start:], "history_from": start}
+        if job.cross_site_eval:
+            out["cross_site_eval"] = job.cross_site_eval
         if run is not None:
             out["phase"] = run.sag.phase.value
             out["waiting_for"] = run.sag.waiting_for(time.monotonic())
             out["open_round"] = run.sag.record.to_dict() if run.sag.record is not None else {}
+            out["transfer"] = self._transfer(run)
+            out["first_round"], out["last_round"] = run.sag.sag.start_round, run.sag.last_round
+            if run.cse is not None:  # ScatterAndGather is done; cross-site evaluation runs
+                now = time.monotonic()
+                out["phase"], out["waiting_for"] = run.cse.phase.value, run.cse.waiting_for(now)
+                out["cross_site_eval"] = run.cse.status(now)
+        elif job.status == SUBMITTED:
+            out["waiting_for"] = self._queued_waits_for(job)
         return AdminReply(True, out)
+
+    def _transfer(self, run: Run) -> dict[str, Any]:
+        """The open round's transfer progress (`sagmq wait` shows it for large models): the task's bytes,
+        the bytes its targets said (heartbeats) they received, whole or so far, and how many results came;
+        {} if no round is open."""
+        rec = run.sag.record
+        if rec is None or rec.aggregated is not None:
+            return {}
+        sites = [self.sites[t] for t in rec.targets if t in self.sites]
+        whole = {x.name: x.task_bytes for x in sites if x.task_id == rec.task_id}
+        size = max([self.model_bytes.get(run.job.job_id, 0), *whole.values()])
+        arriving = sum(min(x.receiving_bytes, size) for x in sites if x.name not in whole)
+        return {"round": rec.round, "task_bytes": size, "targets": len(rec.targets), "sites_received": len(whole),
+                "received_bytes": sum(whole.values()) + arriving, "total_bytes": size * len(rec.targets),
+                "results": len(rec.accepted) + len(rec.rejected)}
+
+    def _queued_waits_for(self, job: Job) -> str:
+        """What a submitted job waits for (`sagmq wait`, `status`): the running job, or sites."""
+        if self.run_ is not None:
+            return f"the running job {self.run_.job.job_id[:8]} to end"
+        spec = self._spec(job.job_id)
+        sites = self._eligible(spec, time.monotonic())
+        return f"sites: {len(sites)} of {spec.min_clients} connected (min_clients={spec.min_clients})"
 
     def _system_status(self) -> AdminReply:
         now = time.monotonic()
         sites = [{"site": s.name, "alive": now - s.last_seen <= self.s.client_timeout_s,
                   "seen_s_ago": round(now - s.last_seen, 2), "host": s.host,
-                  "allow_custom_code": s.allow_custom_code, "busy_job": s.busy_job}
+                  "allow_custom_code": s.allow_custom_code, "busy_job": s.busy_job, "busy_round": s.busy_round}
                  for s in sorted(self.sites.values(), key=lambda s: s.name)]
         return AdminReply(True, {"sites": sites, "running": self.run_.job.job_id if self.run_ else None,
                                  "queued": [j.job_id for j in self.jobs.values() if j.status == SUBMITTED]})
@@ -484,7 +600,9 @@ class ServerService:
         if job.status in ENDED:
             return AdminReply(False, error=f"job {job.job_id} already ended ({job.status})")
         run = self.run_
-        if run is not None and run.job is job:
+        if run is not None and run.job is job and run.cse is not None:
+            self._apply(run, run.cse.abort("aborted by the admin", time.monotonic()))
+        elif run is not None and run.job is job:
             self._apply(run, run.sag.abort("aborted by the admin", time.monotonic()))
         else:
             self._end_queued(job, ABORTED, "aborted by the admin")

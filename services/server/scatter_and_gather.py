@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from sagmq.job.spec import JobSpec, SAGConfig
-from sagmq.server.full_model_shareable_generator import FullModelShareableGenerator
+from sagmq.server.full_model_shareable_generator import FullModelShareableGenerator, collection_metrics
 from sagmq.wire.codec import DXO, WEIGHTS
 from sagmq.wire.errors import SagmqError
 from sagmq.wire.messages import (
@@ -134,7 +134,7 @@ class Rejection:
         return {"site": self.site, "rc": self.rc, "reason": self.reason}
 
 
-_LATER_KEYS = ("close_reason", "aggregated", "closed_at", "seconds", "done_at", "saved_at")
+_LATER_KEYS = ("close_reason", "aggregated", "closed_at", "seconds", "done_at", "saved_at", "metrics")
 _KNOWN_KEYS = frozenset(("round", "task_id", "targets", "accepted", "rejected", "started_at", *_LATER_KEYS))
 
 
@@ -158,6 +158,7 @@ class RoundRecord:
     seconds: float | None = None
     done_at: float | None = None
     saved_at: float | None = None
+    metrics: dict[str, dict[str, float]] | None = None  # site -> what its accepted result reported (loss, ...)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know: kept as they were
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +183,7 @@ class RoundRecord:
                    float(d.get("started_at", 0.0)), list(d.get("accepted", ())), rejected,
                    d.get("close_reason"), None if agg is None else list(agg), d.get("closed_at"),
                    d.get("seconds"), d.get("done_at"), d.get("saved_at"),
+                   d.get("metrics") if isinstance(d.get("metrics"), dict) else None,
                    {k: v for k, v in d.items() if k not in _KNOWN_KEYS})
 
 
@@ -507,7 +509,7 @@ class ScatterAndGather:
             return []
         if self.phase == Phase.TRAINING:  # the aggregator closed it: every target had answered
             rec.close_reason = f"all {len(rec.targets)} targets answered"
-        self._record_close(rec, m.accepted, now)
+        self._record_close(rec, m.accepted, now, m.metrics)
         if len(m.accepted) < self.sag.min_clients:
             rejected = "; ".join(f"{x.site}: {x.reason}" for x in rec.rejected) or "none"
             return self._end(FAILED, f"round {m.round} ended with {len(m.accepted)} accepted result(s), fewer than "
@@ -517,6 +519,9 @@ class ScatterAndGather:
             self.weights = self.generator.shareable_to_learnable(m.dxo, self.weights)
         except SagmqError as e:
             return self._end(FAILED, f"round {m.round}: {e}", now)
+        key_metrics = collection_metrics(m.dxo)
+        if key_metrics:  # a COLLECTION's METRICS sub-DXOs are recorded in the round's history, not applied
+            rec.extra["collection_metrics"] = key_metrics
         # the aggregate's arrays are the model now (WEIGHTS over every variable)
         whole = m.dxo is not None and m.dxo.kind == WEIGHTS and set(m.dxo.data) == set(self.weights)
         ours = self._round is not None and m.task_id == self._round.task_id and whole
@@ -734,6 +739,9 @@ class ScatterAndGather:
             {k: v.dtype.str for k, v in w.items()}, {k: list(v.shape) for k, v in w.items()},
             agg.exclude_vars, agg.weigh_by_local_iter, persist, forward,
             self._uncommitted[1] if self._uncommitted else "",
+            collection_kinds={k: c.kind for k, c in agg.collection.items()},
+            collection_weights={k: dict(c.aggregation_weights) for k, c in agg.collection.items()},
+            collection_exclude_vars={k: c.exclude_vars for k, c in agg.collection.items()},
         )
 
     def _close_round(self, reason: str, now: float) -> Effects:
@@ -745,8 +753,11 @@ class ScatterAndGather:
         log.info("round %d of job %s closing: %s", rnd.number, self.job_id, reason)
         return [CloseRound(rnd.closing)]
 
-    def _record_close(self, rec: RoundRecord, accepted: list[str], now: float) -> None:
+    def _record_close(self, rec: RoundRecord, accepted: list[str], now: float,
+                      metrics: Mapping[str, dict[str, float]] | None = None) -> None:
         rec.aggregated = list(accepted)
+        if metrics:
+            rec.metrics = {site: dict(m) for site, m in metrics.items()}
         # verdicts are advisory and may trail the aggregate: the aggregate's list is the truth
         rec.accepted += [x for x in accepted if x not in rec.accepted]
         rec.closed_at = self._wall(now)

@@ -3,6 +3,8 @@
 An ndarray travels as the map ``{"dtype": "<f4", "shape": [3, 3], "data": <bin>}``.
 Decoding is ``np.frombuffer`` over the unpacked bytes (no further copy) and refuses
 object, string and void dtypes, lying lengths, unknown ext types and oversize bodies.
+A DXO of kind COLLECTION (NVFlare's) carries ``{key: sub-DXO map}`` as its data, one level
+deep; any other DXO's map is exactly what it was before collections existed.
 Nothing here ever unpickles.
 """
 
@@ -28,6 +30,8 @@ WEIGHTS = "WEIGHTS"
 WEIGHT_DIFF = "WEIGHT_DIFF"
 METRICS = "METRICS"
 DATA_KINDS = frozenset([WEIGHTS, WEIGHT_DIFF, METRICS])
+# NVFlare's DataKind.COLLECTION: a DXO whose data is {key: sub-DXO} (one level; sub-DXOs are of DATA_KINDS)
+COLLECTION = "COLLECTION"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +41,17 @@ class DXO:
     kind: str
     data: Mapping[str, np.ndarray]
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # kind COLLECTION only: the sub-DXOs by key (NVFlare keeps them in data; here data stays arrays only)
+    subs: Mapping[str, DXO] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        """Bytes of array data carried."""
-        return sum(int(a.nbytes) for a in self.data.values())
+        """Bytes of array data carried (a collection's: its sub-DXOs')."""
+        return sum(int(a.nbytes) for a in self.data.values()) + sum(d.nbytes() for d in self.subs.values())
+
+
+def collection(subs: Mapping[str, DXO], meta: Mapping[str, Any] | None = None) -> DXO:
+    """A DXO of kind COLLECTION holding sub-DXOs by key (NVFlare's ``DXO(DataKind.COLLECTION, {key: dxo})``)."""
+    return DXO(COLLECTION, {}, dict(meta or {}), dict(subs))
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
@@ -81,12 +92,25 @@ def decode_array(obj: Any, where: str = "array") -> np.ndarray:
 
 
 def encode_dxo(dxo: DXO) -> dict[str, Any]:
-    """A DXO as a msgpack-ready map."""
+    """A DXO as a msgpack-ready map; a COLLECTION's data maps each key to its sub-DXO's map."""
+    if dxo.kind == COLLECTION:
+        if dxo.data:
+            raise DecodeError("a COLLECTION DXO carries sub-DXOs (subs), not arrays")
+        return {"kind": COLLECTION, "data": {str(k): _encode_sub(k, v) for k, v in dxo.subs.items()},
+                "meta": dict(dxo.meta)}
+    if dxo.subs:
+        raise DecodeError(f"a DXO of kind {dxo.kind} cannot carry sub-DXOs (only COLLECTION does)")
     return {
         "kind": dxo.kind,
         "data": {str(k): encode_array(v) for k, v in dxo.data.items()},
         "meta": dict(dxo.meta),
     }
+
+
+def _encode_sub(key: str, sub: DXO) -> dict[str, Any]:
+    if sub.kind == COLLECTION:
+        raise DecodeError(f"sub-DXO {key!r} is a COLLECTION: sagmq carries one level of collection")
+    return encode_dxo(sub)
 
 
 def decode_dxo(obj: Any, where: str = "dxo") -> DXO:
@@ -102,8 +126,21 @@ def decode_dxo(obj: Any, where: str = "dxo") -> DXO:
         raise DecodeError(f"{where}.meta: not a map")
     if not all(isinstance(k, str) for k in data):
         raise DecodeError(f"{where}.data: variable names must be strings")
+    if kind == COLLECTION:
+        return collection(_decode_subs(data, where), check_plain(meta, f"{where}.meta"))
     arrays = {k: decode_array(v, f"{where}.data[{k!r}]") for k, v in data.items()}
     return DXO(kind=kind, data=arrays, meta=check_plain(meta, f"{where}.meta"))
+
+
+def _decode_subs(data: Mapping[str, Any], where: str) -> dict[str, DXO]:
+    """A COLLECTION's sub-DXOs (one level: a nested COLLECTION is refused)."""
+    subs = {}
+    for k, v in data.items():
+        sub = decode_dxo(v, f"{where}.data[{k!r}]")
+        if sub.kind == COLLECTION:
+            raise DecodeError(f"{where}.data[{k!r}]: a COLLECTION inside a COLLECTION is not carried by sagmq")
+        subs[k] = sub
+    return subs
 
 
 def check_plain(v: Any, where: str) -> Any:

@@ -14,17 +14,26 @@ class SagmqError(Exception):
     """Root of every error sagmq raises on purpose."""
 
 
+class UsageError(SagmqError):
+    """A command's arguments are wrong (a job folder that does not exist, an impossible option)."""
+
+
 class ConfigError(SagmqError):
     """A setting or an environment variable is invalid."""
 
 
 class BrokerUnavailable(SagmqError):
-    """No broker answered at the configured URL, or it refused the credentials."""
+    """No broker answered at the configured URL, or it refused the credentials.
 
-    def __init__(self, url: str, reason: str) -> None:
+    ``hint`` is the fix that fits the cause (start a broker, correct the password, create the
+    vhost, check the certificates); the CLI prints it on the same line as the reason.
+    """
+
+    def __init__(self, url: str, reason: str, hint: str = "") -> None:
         super().__init__(f"cannot reach RabbitMQ at {url}: {reason}")
         self.url = url
         self.reason = reason
+        self.hint = hint
 
 
 class BrokerRefused(SagmqError):

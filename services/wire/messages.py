@@ -8,6 +8,7 @@ against the class's type hints and raises DecodeError naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -27,6 +28,10 @@ RC_TASK_UNKNOWN = "TASK_UNKNOWN"
 RC_BAD_TASK_DATA = "BAD_TASK_DATA"
 RC_TASK_ABORTED = "TASK_ABORTED"
 RC_UNSAFE_JOB = "UNSAFE_JOB"
+RC_EXECUTION_RESULT_ERROR = "EXECUTION_RESULT_ERROR"
+
+# TrainTask.result_to: the site sends its result to the server, not the aggregator
+RESULT_TO_SERVER = "server"
 
 # Job statuses.
 SUBMITTED = "submitted"
@@ -107,6 +112,8 @@ def _check_list(v: Any, tp: Any, where: str) -> list[Any]:
     (item,) = typing.get_args(tp)
     if not isinstance(v, list):
         raise DecodeError(f"{where}: expected a list, got {type(v).__name__}")
+    if item is str and all(type(x) is str for x in v):  # a round's 1000 site names: one quick pass, not 1000 checks
+        return v
     return [_check(x, item, f"{where}[{i}]") for i, x in enumerate(v)]
 
 
@@ -219,6 +226,9 @@ class TrainTask(Message):
     # non-empty: dxo.data is empty and the model is the aggregate of the task with this id, which the
     # aggregator forwarded to the site's queue (a site that lacks it asks for the whole task)
     model_from: str = ""
+    # where the site sends its result: "" to the aggregator (a training round), RESULT_TO_SERVER to the
+    # server (cross-site evaluation's submit_model and validate tasks)
+    result_to: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +266,13 @@ class RoundOpen(Message):
     # the task of an earlier round whose aggregate this round was built on and the server did not
     # commit: its opening commits it (the aggregate carries this on to the persistor)
     commits: str = ""
+    # the server's task_result_filters, run on each result before it is accumulated: [{tasks, path, args}]
+    result_filters: list[dict[str, Any]] = field(default_factory=list)
+    # NVFlare's collection mode (expected_data_kind is then COLLECTION): per key of the result's COLLECTION,
+    # its expected kind, aggregation weights and exclude_vars, each resolved (a value given once is per key)
+    collection_kinds: dict[str, str] = field(default_factory=dict)
+    collection_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    collection_exclude_vars: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +311,28 @@ class RoundAggregated(Message):
     dxo: DXO | None = None
     task_id: str = ""
     commits: str = ""  # from round.open: the persistor saves the held aggregate of that task
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> what its result reported
+
+
+MAX_METRICS = 32  # numbers kept of one result's meta; a longer name than MAX_METRIC_NAME is dropped
+MAX_METRIC_NAME = 64
+INITIAL_METRICS = "initial_metrics"  # NVFlare's MetaKey.INITIAL_METRICS: the site's metric of the model it got
+
+
+def reported_metrics(meta: Mapping[str, Any] | None) -> dict[str, float]:
+    """The numbers a result's DXO meta reports: its ``metrics`` map ({name: number}) and NVFlare's
+    ``initial_metrics`` (one number); finite numbers only, at most MAX_METRICS short names."""
+    if not isinstance(meta, Mapping):
+        return {}
+    found = dict(meta["metrics"]) if isinstance(meta.get("metrics"), Mapping) else {}
+    if INITIAL_METRICS in meta:
+        found[INITIAL_METRICS] = meta[INITIAL_METRICS]
+    out: dict[str, float] = {}
+    for k, v in found.items():
+        if (isinstance(k, str) and len(k) <= MAX_METRIC_NAME and isinstance(v, int | float) and not isinstance(v, bool)
+                and math.isfinite(v) and len(out) < MAX_METRICS):
+            out[k] = float(v)
+    return out
 
 
 # --- persistence ----------------------------------------------------------------------
@@ -309,6 +348,9 @@ class ModelLoad(Message):
     model_name: str = "server.npy"
     initial: list[Any] | None = None
     source: str = ""
+    # ScatterAndGather's snapshot_every_n_rounds: a resumed job restarts after the last saved round r with
+    # (r + 1) % n == 0 (0: never resumed, it starts over)
+    snapshot_every_n_rounds: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +425,20 @@ class JobEvent(Message):
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class CrossValSave(Message):
+    """Cross-site evaluation's output for the persistor: a model submitted for validation (owner and dxo),
+    or the results matrix {data_client: {model_owner: metrics}} (results_path set)."""
+
+    TYPE: ClassVar[str] = "cross_val.save"
+    job_id: str
+    cross_val_dir: str
+    model_owner: str = ""
+    dxo: DXO | None = None
+    results_path: str = ""  # relative to the job's folder, e.g. cross_site_val/cross_val_results.json
+    results: dict[str, Any] = field(default_factory=dict)
+
+
 # --- sites and control -------------------------------------------------------------------
 
 
@@ -399,6 +455,9 @@ class ClientHeartbeat(Message):
     busy_job: str = ""
     busy_round: int = -1
     missing_model: str = ""  # id of a task whose forwarded model this site lacks: send it whole
+    task_id: str = ""  # the last task this site received whole, and its arrays' bytes (progress of large models)
+    task_bytes: int = 0
+    receiving_bytes: int = 0  # bytes of the next task (or forwarded model) arrived so far, not yet whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +507,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     ModelCommit,
     ModelSaved,
     JobEvent,
+    CrossValSave,
     ClientHeartbeat,
     Control,
     AdminRequest,

@@ -6,11 +6,13 @@ Who publishes what, and who consumes it::
     aggregator ──round.aggregated, CC aggregate.<site> (forwarded model)──▶ P.events ──▶ P.site.<site>
     server ──control (abort / shutdown)───────────▶ P.tasks           ──▶ P.site.<site> ──▶ client
     client ──result (rk=result)───────────────────▶ P.results (direct) ─▶ P.results ────▶ aggregator
+    client ──result of a cross-site task (rk=result.server) ─▶ P.results ─▶ P.server ───▶ server
     everyone ─events (topic)──────────────────────▶ P.events
         round.open, round.close, job.<status>, control.aggregator|all ──▶ P.aggregator ─▶ aggregator
         contribution, round.aggregated, model.loaded, model.saved,
         client.heartbeat                                          ──▶ P.server ─────▶ server
         model.load, model.save, job.<status>, control.persistor|all  ──▶ P.persistor ──▶ persistor
+        cross_val.save (submitted models, the results matrix)   ──▶ P.persistor ──▶ persistor
     sagmq CLI ──admin.request (rk=server|persistor, reply_to)───▶ P.admin (direct)
         ──▶ P.server.admin ──▶ server;  ──▶ P.persistor ──▶ persistor;  replies via direct reply-to
     any consumer ──a message it cannot process, with the reason──▶ P.dead (fanout) ──▶ P.dead
@@ -25,6 +27,17 @@ Queue arguments are fixed when a queue is created: declaring other ones on an ex
 with PRECONDITION_FAILED. Queues whose arguments changed since the first release (``Queue.tolerant``:
 P.dead, P.server.admin) are used as they are then, and ``arguments_advice`` tells the operator how to
 apply the new ones.
+
+Site queues (P.site.<site>, tolerant too) expire: a queue no site consumes nor redeclares for
+SAGMQ_SITE_QUEUE_EXPIRES_S (default a day; 0: never) is deleted by the broker with what it holds, so
+the queues of sites that are gone (scaled-away containers) do not pile up, each holding a forwarded
+model for ever. A live site redeclares its queue at every connect, which restarts the count.
+
+SAGMQ_QUEUE_TYPE=quorum makes every durable queue a quorum queue (replicated on a cluster). Quorum
+queues (RabbitMQ 3.10) take dead-lettering, x-max-length/-bytes with drop-head, x-message-ttl and
+x-expires, but no x-queue-version (a classic queue's storage), no priorities and no exclusive,
+auto-delete or non-durable queue: P.dead drops x-queue-version, and a site's name claim
+(P.claim.<site>, exclusive, see sagmq.client.claim) stays classic.
 """
 
 from __future__ import annotations
@@ -140,9 +153,15 @@ class Names:
         """The queue a site reads its tasks and control messages from."""
         return f"{self.prefix}.site.{site}"
 
+    def claim_queue(self, site: str) -> str:
+        """The exclusive queue whose owner holds the site name (sagmq.client.claim)."""
+        return f"{self.prefix}.claim.{site}"
+
 
 # Routing keys on the events exchange.
 RK_RESULT = "result"
+RK_RESULT_SERVER = "result.server"  # (on P.results) a site's answer to a cross-site evaluation task
+RK_CROSS_VAL_SAVE = "cross_val.save"
 RK_ROUND_OPEN = "round.open"
 RK_ROUND_CLOSE = "round.close"
 RK_CONTRIBUTION = "contribution"
@@ -173,9 +192,18 @@ def rk_control(target: str) -> str:
     return f"control.{target}"
 
 
-def work_queue_arguments(names: Names) -> dict[str, Any]:
-    """Arguments of every work queue: classic, dead-lettered to P.dead."""
-    return {"x-queue-type": "classic", "x-dead-letter-exchange": names.dead}
+def work_queue_arguments(names: Names, settings: Settings | None = None) -> dict[str, Any]:
+    """Arguments of every work queue: of the type settings say (classic by default), dead-lettered to P.dead."""
+    return {"x-queue-type": (settings or Settings()).queue_type, "x-dead-letter-exchange": names.dead}
+
+
+def site_queue_arguments(names: Names, settings: Settings | None = None) -> dict[str, Any]:
+    """A site queue's: a work queue's, and x-expires unless SAGMQ_SITE_QUEUE_EXPIRES_S is 0."""
+    s = settings or Settings()
+    args = work_queue_arguments(names, s)
+    if s.site_queue_expires_s > 0:
+        args["x-expires"] = max(1, round(s.site_queue_expires_s * 1000))
+    return args
 
 
 def dead_queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -184,6 +212,8 @@ def dead_queue_arguments(settings: Settings) -> dict[str, Any]:
     persistent message in about half the time (0.6 against 1.2 ms measured here): a flood is
     dead-lettered one confirmed copy at a time, so that halves the delay junk adds to a round."""
     args: dict[str, Any] = {"x-queue-type": "classic", "x-queue-version": 2}
+    if settings.queue_type == "quorum":  # (x-queue-version is a classic queue's storage format)
+        args = {"x-queue-type": "quorum"}
     if settings.dead_max_length > 0:
         args["x-max-length"] = settings.dead_max_length
     if settings.dead_max_bytes > 0:
@@ -199,7 +229,7 @@ def arguments_advice(queue: Queue, refusal: str) -> str:
     """The one line logged when the broker refuses a tolerant queue's arguments (PRECONDITION_FAILED
     on an existing queue): it is used as it is, and how to apply the new arguments."""
     policy = {k.removeprefix("x-"): v for k, v in queue.arguments.items()
-              if k in ("x-max-length", "x-max-length-bytes", "x-overflow", "x-message-ttl")}
+              if k in ("x-max-length", "x-max-length-bytes", "x-overflow", "x-message-ttl", "x-expires")}
     how = (f"or apply them as a policy: rabbitmqctl set_policy {queue.name}-bounds '^{re.escape(queue.name)}$' "
            f"'{json.dumps(policy)}' --apply-to queues") if policy else "(it then comes back with them)"
     return (f"queue {queue.name} exists with other arguments than {queue.arguments} ({refusal}); using it as it "
@@ -210,7 +240,7 @@ def arguments_advice(queue: Queue, refusal: str) -> str:
 def service_topology(prefix: str, settings: Settings | None = None) -> Topology:
     """Everything but the per-site queues; P.dead bounded as settings say (the defaults without them)."""
     n = Names(prefix)
-    args = work_queue_arguments(n)
+    args = work_queue_arguments(n, settings)
     dead_args = dead_queue_arguments(settings or Settings())
     exchanges = (
         Exchange(n.tasks, DIRECT),
@@ -222,35 +252,37 @@ def service_topology(prefix: str, settings: Settings | None = None) -> Topology:
     queues = (
         Queue(n.results_queue, args),
         Queue(n.server_queue, args),
-        Queue(n.server_admin_queue, {"x-queue-type": "classic"}, tolerant=True),  # expired requests dropped
+        Queue(n.server_admin_queue, {"x-queue-type": (settings or Settings()).queue_type},  # expired requests
+              tolerant=True),  # dropped
         Queue(n.aggregator_queue, args),
         Queue(n.persistor_queue, args),
         Queue(n.dead_queue, dead_args, tolerant=True),
     )
     ev = n.events
-    bindings = [Binding(n.results_queue, n.results, RK_RESULT), Binding(n.dead_queue, n.dead, "")]
+    bindings = [Binding(n.results_queue, n.results, RK_RESULT), Binding(n.dead_queue, n.dead, ""),
+                Binding(n.server_queue, n.results, RK_RESULT_SERVER)]
     for rk in (RK_CONTRIBUTION, RK_ROUND_AGGREGATED, RK_ROUND_AGGREGATED_SAVE, RK_MODEL_LOADED, RK_MODEL_SAVED,
                RK_HEARTBEAT):
         bindings.append(Binding(n.server_queue, ev, rk))
     for rk in (RK_ROUND_OPEN, RK_ROUND_CLOSE, "job.*", rk_control("aggregator"), rk_control("all")):
         bindings.append(Binding(n.aggregator_queue, ev, rk))
     for rk in (RK_MODEL_LOAD, RK_MODEL_SAVE, RK_MODEL_COMMIT, RK_ROUND_AGGREGATED_SAVE, "job.*",
-               rk_control("persistor"), rk_control("all")):
+               rk_control("persistor"), rk_control("all"), RK_CROSS_VAL_SAVE):
         bindings.append(Binding(n.persistor_queue, ev, rk))
     bindings.append(Binding(n.server_admin_queue, n.admin, RK_ADMIN_SERVER))
     bindings.append(Binding(n.persistor_queue, n.admin, RK_ADMIN_PERSISTOR))
     return Topology(exchanges, queues, tuple(bindings))
 
 
-def site_topology(prefix: str, site: str) -> Topology:
+def site_topology(prefix: str, site: str, settings: Settings | None = None) -> Topology:
     """A site's own queue, bound to the tasks exchange under its name (tasks, control) and to the
     events exchange as aggregate.<site> (aggregates forwarded as its next model), and the exchanges
-    it publishes to."""
+    it publishes to. The queue is tolerant: one of an older deployment (no x-expires) is used as it is."""
     n = Names(prefix)
     q = n.site_queue(site)
     return Topology(
         exchanges=(Exchange(n.tasks, DIRECT), Exchange(n.results, DIRECT), Exchange(n.events, TOPIC),
                    Exchange(n.dead, FANOUT)),
-        queues=(Queue(q, work_queue_arguments(n)),),
+        queues=(Queue(q, site_queue_arguments(n, settings), tolerant=True),),
         bindings=(Binding(q, n.tasks, site), Binding(q, n.events, rk_aggregate(site))),
     )

@@ -1,7 +1,7 @@
 """The wheel as a user gets it: built from the tree, installed in a fresh venv (no system
 site-packages), then `sagmq poc` run from an empty folder against the real broker.
 
-The venv gets the four runtime dependencies without the network: a folder of links to the host's
+The venv gets the five runtime dependencies without the network: a folder of links to the host's
 copies of just those packages, named in a .pth file, so nothing else of the host (not its editable
 sagmq, not a `services` package) can be imported there.
 """
@@ -26,7 +26,7 @@ from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker, pytest.mark.timeout(600)]
 
-RUNTIME = ("pika", "numpy", "msgpack", "tenacity")
+RUNTIME = ("pika", "numpy", "msgpack", "tenacity", "prometheus_client", "rich")
 SOURCES = ("pyproject.toml", "README.md", "services", "jobs", "schemas")  # what a build reads
 EXPECTED = np.array([[4, 5, 6], [7, 8, 9], [10, 11, 12]], dtype=np.float32)
 

@@ -50,6 +50,7 @@ def test_one_publish_fans_out_to_every_target_queue(bus: AmqpBus) -> None:
         props, body = got[0]
         assert props["type"] == "control" and props["user_id"] == "guest" and props["delivery_mode"] == 2
         assert props["headers"]["job_id"] == "job-x" and props["headers"]["schema"] == "1"
+        assert "BCC" not in props["headers"] and "CC" not in props["headers"]  # no target list for every target
         assert decode(Control, body, 1000) == Control("abort", "job-x")
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from sagmq.cli.procs import LocalStack
 from sagmq.cli.provision import SERVICE_USERS, parse_env, write_provision
-from sagmq.wire.topology import RK_HEARTBEAT, RK_RESULT, RK_ROUND_CLOSE, Names
+from sagmq.wire.topology import RK_CROSS_VAL_SAVE, RK_HEARTBEAT, RK_RESULT, RK_RESULT_SERVER, RK_ROUND_CLOSE, Names
 from tests.brokernode import RabbitNode, running_node
 
 pytestmark = [pytest.mark.broker]
@@ -158,6 +158,22 @@ def test_site_publishes_results(prov: Provisioned, conns: Callable[[str], pika.B
     ch.confirm_delivery()
     ch.basic_publish(N.results, RK_RESULT, b"x", props("site-1"), mandatory=True)  # confirmed and routed
     ch.basic_publish(N.dead, "", b"x", props("site-1"), mandatory=True)  # a dead-lettered task copy
+    prov.purge_all()
+
+
+def test_site_sends_cross_site_results_to_the_server_and_the_server_saves_them(
+        prov: Provisioned, conns: Callable[[str], pika.BlockingConnection]) -> None:
+    ch = conns("site-1").channel()
+    ch.confirm_delivery()
+    ch.basic_publish(N.results, RK_RESULT_SERVER, b"x", props("site-1"), mandatory=True)  # confirmed and routed
+    ch = conns("server").channel()
+    ch.confirm_delivery()
+    ch.basic_publish(N.events, RK_CROSS_VAL_SAVE, b"x", props("server"), mandatory=True)
+    c = conns("site-1")
+    ch = c.channel()
+    ch.confirm_delivery()
+    reason = refused(functools.partial(ch.basic_publish, N.events, RK_CROSS_VAL_SAVE, b"x", props("site-1")))
+    assert "topic" in reason and RK_CROSS_VAL_SAVE in reason
     prov.purge_all()
 
 
@@ -309,7 +325,9 @@ def test_services_run_hello_numpy_sag_with_their_env_files(prov: Provisioned, tm
             assert not stack.dead(), logs()
             assert time.monotonic() < deadline, st.stdout + st.stderr + logs()
             time.sleep(0.5)
-        sub = run("submit", str(JOBS / "hello-numpy-sag"))
+        # hello-numpy-cross-val: hello-numpy-sag's training, then cross-site evaluation (results of sites to the
+        # server, submitted models and results to the persistor) under least privilege too
+        sub = run("submit", str(JOBS / "hello-numpy-cross-val"))
         assert sub.returncode == 0, sub.stdout + sub.stderr + logs()
         job_id = sub.stdout.strip()
         w = run("wait", job_id, "--timeout", "120", timeout=180)
@@ -317,6 +335,8 @@ def test_services_run_hello_numpy_sag_with_their_env_files(prov: Provisioned, tm
         d = run("download", job_id, "--out", str(tmp_path / "dl"))
         assert d.returncode == 0, d.stdout + d.stderr + logs()
         np.testing.assert_array_equal(np.load(tmp_path / "dl" / "models" / "server.npy"), FINAL)
+        cross = json.loads((tmp_path / "dl" / "cross_site_val" / "cross_val_results.json").read_text())
+        assert {c: sorted(r) for c, r in cross.items()} == {s: ["SRV_server", *SITES] for s in SITES}, cross
         dl = run("dead", "list")
         assert dl.returncode == 0 and "no dead-lettered messages" in dl.stdout, dl.stdout + dl.stderr
         # nobody was refused anything, and no message was dead-lettered

@@ -54,14 +54,14 @@ def test_weights_do_not_mutate_the_input_model() -> None:
         np.testing.assert_array_equal(g[k], v)
 
 
-def test_weight_diff_adds_and_keeps_float32() -> None:
+def test_weight_diff_adds_as_nvflare_without_casting_back() -> None:
     g = global_model()
     diff = {"w": np.full((2, 3), 0.5, np.float32), "b": np.array([1.0, -1.0], np.float64)}
     out = apply_aggregate(g, DXO(WEIGHT_DIFF, diff))
     np.testing.assert_allclose(out["w"], np.arange(6, dtype=np.float32).reshape(2, 3) + 0.5)
     np.testing.assert_allclose(out["b"], [2.0, 1.0])
     assert out["w"].dtype == np.float32
-    assert out["b"].dtype == np.float32  # a float64 diff does not promote the model
+    assert out["b"].dtype == np.float64  # NVFlare's weights[k] + v: a float64 diff promotes, no cast back
     np.testing.assert_array_equal(out["bn.running_mean"], [5.0, 5.0])
 
 
@@ -131,3 +131,9 @@ def test_shareable_to_learnable_applies_the_aggregate() -> None:
 def test_shareable_to_learnable_of_nothing_keeps_the_model() -> None:
     g = global_model()
     assert FullModelShareableGenerator().shareable_to_learnable(None, g) is g
+
+
+def test_weight_diff_on_an_integer_model_gives_floats() -> None:
+    out = apply_aggregate({"n": np.array([1, 2], np.int64)}, DXO(WEIGHT_DIFF, {"n": np.array([0.5, 0.25])}))
+    assert out["n"].dtype == np.float64
+    np.testing.assert_array_equal(out["n"], [1.5, 2.25])

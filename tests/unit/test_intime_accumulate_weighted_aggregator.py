@@ -157,15 +157,16 @@ def test_float_steps_are_allowed() -> None:
     np.testing.assert_allclose(out.data["x"], [(0.5 + 6.0) / 2.0])
 
 
-def test_integer_contributions_to_an_integer_model_are_averaged_in_float() -> None:
+def test_integer_contributions_to_an_integer_model_average_to_floats_as_nvflare() -> None:
+    # NVFlare: total = v * 1.0 summed, then total * (1.0 / count): int64 [1,2], [4,6] -> float64 [2.5, 4.0]
     acc = make(WEIGHTS, targets=("a", "b"), weights={}, spec={"n": VarSpec("<i8", (2,))})
     acc.accept("a", RC_OK, dxo(WEIGHTS, {"n": np.array([1, 2], np.int64)}, 1))
     acc.accept("b", RC_OK, dxo(WEIGHTS, {"n": np.array([4, 6], np.int64)}, 1))
     assert acc.sums["n"].dtype == np.float64
     out = acc.aggregate()
     assert out is not None
-    assert out.data["n"].dtype == np.int64
-    np.testing.assert_array_equal(out.data["n"], [2, 4])
+    assert out.data["n"].dtype == np.float64
+    np.testing.assert_array_equal(out.data["n"], [2.5, 4.0])
 
 
 # --- rejections ---------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def test_reject_unknown_kind() -> None:
         make(spec=X_SPEC).accept("a", RC_OK, dxo("FOO", ok_data(), 1))
 
 
-@pytest.mark.parametrize("steps", [-1, -0.5, float("nan"), float("inf"), "1", True, False, None, [1]])
+@pytest.mark.parametrize("steps", [-1, -0.5, float("nan"), float("inf"), "x", "-2", [1], {}])
 def test_reject_bad_num_steps(steps: object) -> None:
     acc = make(spec=X_SPEC)
     d = DXO(WEIGHT_DIFF, ok_data(), {NUM_STEPS: steps})
@@ -243,11 +244,29 @@ def test_reject_bad_num_steps(steps: object) -> None:
     assert acc.accepted == [] and acc.sums == {}
 
 
-def test_reject_variable_not_in_spec() -> None:
-    data = ok_data()
-    data["z"] = np.ones(1, np.float32)
-    with pytest.raises(Rejected, match="'z' is not in the global model"):
-        make(spec=X_SPEC).accept("a", RC_OK, dxo(WEIGHT_DIFF, data, 1))
+@pytest.mark.parametrize(("steps", "weight"), [("3", 3.0), ("0.5", 0.5), (True, 1.0), (None, 1.0), (2, 2.0)])
+def test_num_steps_is_read_with_float_as_nvflare(steps: object, weight: float) -> None:
+    acc = make(spec=X_SPEC)
+    acc.accept("a", RC_OK, DXO(WEIGHT_DIFF, ok_data(), {NUM_STEPS: steps}))
+    assert acc.weights["x"] == weight
+
+
+def test_a_variable_not_in_the_global_model_is_aggregated_as_nvflare() -> None:
+    acc = make(WEIGHTS, targets=("a", "b"), weights={}, spec=X_SPEC)
+    for site, z in (("a", 1.0), ("b", 3.0)):
+        data = ok_data()
+        data["z"] = np.full(2, z, np.float32)
+        acc.accept(site, RC_OK, dxo(WEIGHTS, data, 1))
+    out = acc.aggregate()
+    assert out is not None
+    np.testing.assert_array_equal(out.data["z"], [2.0, 2.0])
+
+
+def test_a_new_variable_must_keep_its_shape() -> None:
+    acc = make(WEIGHTS, targets=("a", "b"), spec=X_SPEC)
+    acc.accept("a", RC_OK, dxo(WEIGHTS, {"z": np.ones(2, np.float32)}, 1))
+    with pytest.raises(Rejected, match=r"'z' has shape \(3,\), an earlier contribution had \(2,\)"):
+        acc.accept("b", RC_OK, dxo(WEIGHTS, {"z": np.ones(3, np.float32)}, 1))
 
 
 @pytest.mark.parametrize("shape", [(2,), (3, 1), (1, 3), (), (4,)])
@@ -274,15 +293,28 @@ def test_reject_non_numeric_dtype(arr: np.ndarray) -> None:
         acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {"s": arr}, 1))
 
 
-def test_reject_nothing_to_aggregate() -> None:
-    with pytest.raises(Rejected, match="no variable to aggregate"):
-        make(spec=X_SPEC).accept("a", RC_OK, dxo(WEIGHT_DIFF, {}, 1))
+def test_an_empty_contribution_is_accepted_and_counted_as_nvflare() -> None:
+    acc = make(spec=X_SPEC)
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, {}, 1))
+    acc.accept("b", RC_OK, dxo(WEIGHT_DIFF, {"x": np.full(3, 2.0, np.float32)}, 1))
+    out = acc.aggregate()
+    assert out is not None and acc.accepted == ["a", "b"]
+    np.testing.assert_array_equal(out.data["x"], [2.0] * 3)  # the empty one weighs nothing for x
 
 
-def test_reject_when_every_variable_is_excluded() -> None:
+def test_a_contribution_whose_every_variable_is_excluded_is_accepted() -> None:
     acc = make(spec=X_SPEC, exclude=".")
-    with pytest.raises(Rejected, match="no variable to aggregate"):
-        acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    out = acc.aggregate()
+    assert out is not None and out.data == {} and acc.accepted == ["a"]
+
+
+def test_all_zero_weights_keep_the_global_value_and_say_so() -> None:
+    acc = make(spec=X_SPEC, weights={"a": 0.0, "b": 0.0})
+    acc.accept("a", RC_OK, dxo(WEIGHT_DIFF, ok_data(), 1))
+    out = acc.aggregate()
+    assert out is not None and "x" not in out.data
+    assert any("'x'" in n and "departure from NVFlare" in n for n in acc.notes)
 
 
 @pytest.mark.parametrize(
@@ -344,25 +376,35 @@ def test_result_is_none_when_nothing_was_accepted() -> None:
     assert acc.aggregate() is None
 
 
-def test_result_keeps_the_spec_dtype_float32() -> None:
+def test_a_float64_contribution_to_a_float32_model_keeps_float64_as_nvflare() -> None:
     acc = make(WEIGHTS, spec=X_SPEC)
     acc.accept("a", RC_OK, dxo(WEIGHTS, ok_data(), 1))
-    # a float64 contribution to a float32 model still gives float32
     acc.accept("b", RC_OK, dxo(WEIGHTS, {"x": np.full(3, 2.0), "y": np.full(2, 2.0)}, 1))
     out = acc.aggregate()
     assert out is not None
     for k in X_SPEC:
-        assert out.data[k].dtype == np.float32
-        assert acc.sums[k].dtype == np.float32
-    np.testing.assert_allclose(out.data["x"], [(1 * 1 + 2 * 2) / 3] * 3, rtol=1e-6)
+        assert out.data[k].dtype == np.float64
+    # NVFlare: float32 v * 1.0 (float32) + float64 v * 2.0, times (1.0 / 3)
+    want = (ok_data()["x"] * 1.0 + np.full(3, 2.0) * 2.0) * (1.0 / 3)
+    np.testing.assert_array_equal(out.data["x"], want)
 
 
-def test_result_keeps_the_spec_dtype_float64() -> None:
+def test_float32_contributions_give_float32_whatever_the_model_dtype() -> None:
     acc = make(WEIGHTS, spec={"x": VarSpec("<f8", (2,))})
     acc.accept("a", RC_OK, dxo(WEIGHTS, {"x": np.array([1.0, 2.0], np.float32)}, 1))
     out = acc.aggregate()
     assert out is not None
+    assert out.data["x"].dtype == np.float32
+
+
+def test_mixed_int_and_float32_contributions_average_in_float64() -> None:
+    acc = make(WEIGHTS, targets=("a", "b"), weights={}, spec={"x": VarSpec("<f4", (2,))})
+    acc.accept("a", RC_OK, dxo(WEIGHTS, {"x": np.array([1.5, 2.5], np.float32)}, 1))
+    acc.accept("b", RC_OK, dxo(WEIGHTS, {"x": np.array([4, 6], np.int32)}, 1))
+    out = acc.aggregate()
+    assert out is not None
     assert out.data["x"].dtype == np.float64
+    np.testing.assert_array_equal(out.data["x"], [2.75, 4.25])
 
 
 def test_result_meta_lists_accepted_sites_in_order() -> None:
@@ -505,3 +547,22 @@ def test_streaming_memory_is_one_model() -> None:
             acc.add_part(f"b{i}", j, parts[j].headers, parts[j].body)
     assert sum(a.nbytes for a in acc.sums.values()) == 30 * 4 + 20 * 4
     assert len(acc.accepted) == 20
+
+
+def test_streamed_integer_and_float64_contributions_average_as_nvflare() -> None:
+    """The part-by-part path does NVFlare's arithmetic too: int64 averages to float64, float64 stays."""
+    data = {"a": {"n": np.arange(40, dtype=np.int64), "f": np.full(20, 0.1)},
+            "b": {"n": np.arange(40, dtype=np.int64) + 3, "f": np.full(20, 0.4)}}
+    spec = {"n": VarSpec("<i8", (40,)), "f": VarSpec("<f4", (20,))}
+    acc = make(WEIGHTS, targets=("a", "b"), weights={}, spec=spec)
+    for s in ("a", "b"):
+        parts = blob_parts(data[s], 1, WEIGHTS)
+        assert len(parts) > 4
+        begin(acc, s, parts, blob=s)
+        for i in range(1, len(parts)):
+            acc.add_part(s, i, parts[i].headers, parts[i].body)
+    out = acc.aggregate()
+    assert out is not None and acc.accepted == ["a", "b"]
+    assert out.data["n"].dtype == np.float64 and out.data["f"].dtype == np.float64
+    np.testing.assert_array_equal(out.data["n"], (np.arange(40) * 2 + 3) * 0.5)
+    np.testing.assert_array_equal(out.data["f"], (np.full(20, 0.1) + np.full(20, 0.4)) * (1.0 / 2))

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from sagmq.job.cross_site_spec import CSE, FORMATTER, JSON_GENERATOR, LOCATOR, VALIDATOR
 from sagmq.job.spec import (
     AGGREGATOR,
     ALIASES,
@@ -33,6 +34,7 @@ from sagmq.wire.errors import JobSpecError
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "jobs" / "hello-numpy-sag"
 CUSTOM = ROOT / "jobs" / "hello-numpy-sag-custom"
+CROSS_VAL = ROOT / "jobs" / "hello-numpy-cross-val"
 SFILE = "app/config/config_fed_server.json"
 CFILE = "app/config/config_fed_client.json"
 
@@ -130,16 +132,29 @@ def test_job_without_persistor_id_has_no_persistor() -> None:
     assert parse_job(files).persistor is None
 
 
-def test_nvflare_ignored_sag_arguments_are_accepted() -> None:
+def test_nvflare_ignored_sag_arguments_are_accepted_with_a_warning() -> None:
     files = edit(hello_files(), SFILE, lambda c: sag_args(c).update(task_check_period=0.5,
-                                                                      snapshot_every_n_rounds=1))
-    assert parse_job(files).sag.num_rounds == 3
+                                                                      snapshot_every_n_rounds=2))
+    spec = parse_job(files)
+    assert spec.sag.num_rounds == 3 and spec.sag.snapshot_every_n_rounds == 2  # honoured
+    assert spec.warnings == (f"{SFILE}: workflows[0].args.task_check_period has no effect in sagmq "
+                             "(sagmq reacts to messages; there is no task polling period)",)
 
 
 # --- component paths -------------------------------------------------------------------------
 
 
+# cross-site evaluation's components, in jobs/hello-numpy-cross-val (test_cross_site_spec.py tests them further)
+CSE_IDS = {LOCATOR: "model_locator", FORMATTER: "formatter", JSON_GENERATOR: "json_generator"}
+
+
 def with_path(files: Files, canon: str, path: str) -> Files:
+    if canon == CSE:
+        return edit(files, SFILE, lambda c: c["workflows"][1].update(path=path))
+    if canon == VALIDATOR:
+        return edit(files, CFILE, lambda c: c["executors"][1]["executor"].update(path=path))
+    if canon in CSE_IDS:
+        return edit(files, SFILE, lambda c: comp(c, CSE_IDS[canon]).update(path=path))
     if canon == SAG:
         return edit(files, SFILE, lambda c: c["workflows"][0].update(path=path))
     if canon == TRAINER:
@@ -154,6 +169,11 @@ SAGMQ_PATHS = {
     GENERATOR: "sagmq.server.full_model_shareable_generator.FullModelShareableGenerator",
     PERSISTOR: "sagmq.persistor.np_model_persistor.NPModelPersistor",
     TRAINER: "sagmq.client.np_trainer.NPTrainer",
+    CSE: "sagmq.server.cross_site_model_eval.CrossSiteModelEval",
+    LOCATOR: "sagmq.server.np_model_locator.NPModelLocator",
+    FORMATTER: "sagmq.server.np_formatter.NPFormatter",
+    JSON_GENERATOR: "sagmq.server.np_formatter.ValidationJsonGenerator",
+    VALIDATOR: "sagmq.client.np_validator.NPValidator",
 }
 
 NVFLARE_PATHS = {
@@ -165,6 +185,12 @@ NVFLARE_PATHS = {
     "nvflare.app_common.shareablegenerators.FullModelShareableGenerator": GENERATOR,
     "nvflare.app_common.np.np_model_persistor.NPModelPersistor": PERSISTOR,
     "nvflare.app_common.np.np_trainer.NPTrainer": TRAINER,
+    "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval": CSE,
+    "nvflare.app_common.workflows.CrossSiteModelEval": CSE,
+    "nvflare.app_common.np.np_model_locator.NPModelLocator": LOCATOR,
+    "nvflare.app_common.np.np_formatter.NPFormatter": FORMATTER,
+    "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator": JSON_GENERATOR,
+    "nvflare.app_common.np.np_validator.NPValidator": VALIDATOR,
 }
 
 
@@ -172,7 +198,8 @@ NVFLARE_PATHS = {
 def test_every_alias_resolves(path: str, target: str) -> None:
     canon = target.rsplit(".", 1)[1]
     assert component_name(path) == canon
-    spec = parse_job(with_path(hello_files(), canon, path))
+    base = read_job_folder(CROSS_VAL) if canon in (CSE, VALIDATOR, *CSE_IDS) else hello_files()
+    spec = parse_job(with_path(base, canon, path))
     assert spec.sag.num_rounds == 3
     if canon == TRAINER:
         (ex,) = parse_client_config(spec.client_apps()["app"])
@@ -196,7 +223,7 @@ def test_every_alias_names_a_class_that_exists(target: str) -> None:
 
 
 def test_sagmq_own_paths_all_at_once() -> None:
-    files = hello_files()
+    files = read_job_folder(CROSS_VAL)
     for canon, path in SAGMQ_PATHS.items():
         files = with_path(files, canon, path)
     spec = parse_job(files)
@@ -341,7 +368,8 @@ INVALID: list[tuple[str, Callable[[Files], Files], str, str]] = [
     ("missing server config", drop(SFILE), SFILE, "-"),
     ("server format_version 1", server(lambda c: c.update(format_version=1)), SFILE, "format_version"),
     ("client format_version 1", client(lambda c: c.update(format_version=1)), CFILE, "format_version"),
-    ("two workflows", server(lambda c: c["workflows"].append(dict(c["workflows"][0]))), SFILE, "workflows"),
+    ("two workflows", server(lambda c: c["workflows"].append(dict(c["workflows"][0]))), SFILE, "workflows[1].path"),
+    ("three workflows", server(lambda c: c["workflows"].extend([c["workflows"][0]] * 2)), SFILE, "workflows"),
     ("no workflow", server(lambda c: c.update(workflows=[])), SFILE, "workflows"),
     ("unknown workflow path", server(lambda c: c["workflows"][0].update(
         path="nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval")), SFILE,

@@ -181,6 +181,54 @@ def test_a_saved_model_wins_and_several_variables_are_saved_as_npz(tmp_path: Pat
     assert (loaded.source, loaded.last_round) == ("saved", 0) and set(loaded.weights) == {"w", "b"}
 
 
+def test_the_file_name_says_the_format_npy_for_one_array_npz_for_several(tmp_path: Path) -> None:
+    st = make(tmp_path)  # model_name server.npy, as NVFlare's default
+    models = job_dir(tmp_path) / "models"
+    st.save(0, {NUMPY_KEY: np.arange(3, dtype=np.int64)})
+    assert sorted(p.name for p in models.iterdir()) == ["round-0.npy", "server.npy"]
+    st.save(1, {NUMPY_KEY: np.ones(3), "extra": np.zeros(2)})  # a variable the aggregate added
+    assert sorted(p.name for p in models.iterdir()) == ["round-0.npy", "round-1.npz", "server.npz"]
+    with np.load(models / "server.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["extra", NUMPY_KEY]
+    assert sorted(make(tmp_path).files()) == ["models/round-0.npy", "models/round-1.npz", "models/server.npz"]
+    loaded = make(tmp_path).load()
+    assert (loaded.source, loaded.last_round) == ("saved", 1) and set(loaded.weights) == {"extra", NUMPY_KEY}
+
+
+def test_a_float_result_for_an_integer_model_is_saved_as_float(tmp_path: Path) -> None:
+    st = make(tmp_path)
+    st.save(0, {NUMPY_KEY: np.array([2.5, 4.0])})  # NVFlare's mean of int64 [1, 2] and [4, 6]
+    saved = np.load(job_dir(tmp_path) / "models" / "server.npy")
+    assert saved.dtype == np.float64 and saved.tolist() == [2.5, 4.0]
+
+
+@pytest.mark.parametrize(("n", "resumed"), [(1, 4), (2, 3), (3, 2), (4, 3), (6, None), (0, None)])
+def test_snapshot_every_n_rounds_sets_the_round_a_job_resumes_after(tmp_path: Path, n: int,
+                                                                    resumed: int | None) -> None:
+    st = make(tmp_path)
+    for r in range(5):  # rounds 0..4 saved, each model full of its round number
+        st.save(r, {NUMPY_KEY: np.full(2, r, np.float32)})
+    loaded = make(tmp_path).load(snapshot_every_n_rounds=n)
+    if resumed is None:  # no snapshot-due round saved (or snapshots off): the job starts over
+        assert (loaded.source, loaded.last_round) == ("default", None)
+    else:  # NVFlare snapshots after round r when (r + 1) % n == 0: the last such round's model
+        assert (loaded.source, loaded.last_round) == ("saved", resumed)
+        assert loaded.weights[NUMPY_KEY].tolist() == [resumed, resumed]
+
+
 def test_a_job_with_nothing_has_nothing_to_download(tmp_path: Path) -> None:
     with pytest.raises(SagmqError, match=f"nothing for job {JOB}"):
         make(tmp_path).files()
+
+
+def test_download_writes_the_persistors_names_and_shows_an_npz_model(tmp_path: Path) -> None:
+    from sagmq.cli.jobs import final_model_text, write_files
+
+    st = make(tmp_path)
+    st.save(0, {"w": np.ones(2, np.float32), "b": np.array([2.5])})
+    out = tmp_path / "out"
+    write_files(out, st.files())  # what `sagmq download --out` writes
+    assert (out / "models" / "server.npz").is_file() and not (out / "models" / "server.npy").exists()
+    text = final_model_text(out)
+    assert text.startswith(f"final model {out / 'models' / 'server.npz'}:") and "w:\n[1. 1.]" in text
+    assert "b:\n[2.5]" in text

@@ -23,7 +23,7 @@ from sagmq.cli.provision import (
     write_provision,
 )
 from sagmq.wire.errors import ConfigError
-from sagmq.wire.settings import load_settings
+from sagmq.wire.settings import Settings, load_settings
 from sagmq.wire.topology import TOPIC, Names, service_topology, site_topology, work_queue_arguments
 
 SITES = ["site-1", "site-2", "site-10"]
@@ -54,7 +54,8 @@ def allowed(regex: str, name: str) -> bool:
 
 
 def test_definitions_hold_every_topology_object(defs: dict) -> None:
-    topos = [service_topology("sag"), *(site_topology("sag", s) for s in SITES)]
+    never = Settings(site_queue_expires_s=0)  # provisioned site queues never expire (sites cannot re-create them)
+    topos = [service_topology("sag"), *(site_topology("sag", s, never) for s in SITES)]
     exchanges = {(e["name"], e["type"]) for e in defs["exchanges"]}
     queues = {q["name"]: q for q in defs["queues"]}
     bindings = {(b["source"], b["destination"], b["routing_key"]) for b in defs["bindings"]}
@@ -80,7 +81,7 @@ def test_users_and_hashes(defs: dict) -> None:
     assert [u["name"] for u in defs["users"]] == [*SITES, "server", "aggregator", "persistor", "admin"]
     for u in defs["users"]:
         assert u["hashing_algorithm"] == HASHING_ALGORITHM == "rabbit_password_hashing_sha256"
-        assert u["tags"] == ""
+        assert u["tags"] == ("monitoring" if u["name"] == "admin" else "")  # the management UI for admin
         raw = base64.b64decode(u["password_hash"])
         salt, digest = raw[:4], raw[4:]
         assert len(salt) == 4 and digest == hashlib.sha256(salt + pw[u["name"]].encode("utf-8")).digest()
@@ -217,8 +218,9 @@ def test_write_provision_files(tmp_path: Path) -> None:
         assert not any(k.startswith("SAGMQ_TLS") for k in env)
 
 
-def test_write_provision_tls(tmp_path: Path) -> None:
+def test_write_provision_tls_without_certificates(tmp_path: Path) -> None:
     write_provision(tmp_path / "p", ["site-1"], "sag", "sagmq", "mq.example", None, True)
+    assert not (tmp_path / "p" / "tls").exists()
     text = (tmp_path / "p" / "sites" / "site-1.env").read_text()
     env = parse_env(text)
     assert env["SAGMQ_AMQP_URL"].startswith("amqps://site-1:") and env["SAGMQ_AMQP_URL"].endswith(
@@ -254,3 +256,121 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "--force" in capsys.readouterr().err
     assert cli_main(["provision", "--sites", "persistor", "--out", str(tmp_path / "x")]) == 4
     assert not (tmp_path / "x").exists()
+
+
+# --- --tls: a CA, the broker's and every user's certificate --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tls") / "prov"
+    write_provision(out, ["site-1", "site-2"], "sag", "sagmq", "mq.example", None, True, tls_dir="/etc/sagmq/tls",
+                    broker_names=["rabbitmq", "127.0.0.1", "mq.example"])
+    return out
+
+
+def test_tls_files(tls_out: Path) -> None:
+    users = ["site-1", "site-2", *SERVICE_USERS]
+    files = sorted(p.name for p in (tls_out / "tls").iterdir())
+    assert files == sorted(["ca.pem", "ca.key", "broker.pem", "broker.key", "rabbitmq.conf",
+                            *(f"{u}.pem" for u in users), *(f"{u}.key" for u in users)])
+    for f in (tls_out / "tls").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == (0o600 if f.suffix == ".key" else 0o644), f
+    conf = (tls_out / "tls" / "rabbitmq.conf").read_text()
+    assert "listeners.ssl.default = 5671" in conf and "ssl_options.fail_if_no_peer_cert = true" in conf
+    assert "ssl_options.certfile = /etc/rabbitmq/tls/broker.pem" in conf
+
+
+def test_tls_certificates(tls_out: Path) -> None:
+    from cryptography import x509
+
+    d = tls_out / "tls"
+    ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    broker = x509.load_pem_x509_certificate((d / "broker.pem").read_bytes())
+    site = x509.load_pem_x509_certificate((d / "site-2.pem").read_bytes())
+    for cert in (broker, site):
+        cert.verify_directly_issued_by(ca)
+    san = broker.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["mq.example", "rabbitmq"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    cn = site.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+    assert cn == "site-2"  # the broker user, for EXTERNAL login
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+
+
+def test_tls_env_files_point_at_the_mounted_files(tls_out: Path, tmp_path: Path) -> None:
+    env = read_env(tls_out / "sites" / "site-1.env")
+    assert env["SAGMQ_TLS_CA_FILE"] == "/etc/sagmq/tls/ca.pem"
+    assert env["SAGMQ_TLS_CERT_FILE"] == "/etc/sagmq/tls/site-1.pem"
+    assert env["SAGMQ_TLS_KEY_FILE"] == "/etc/sagmq/tls/site-1.key"
+    assert env["SAGMQ_TLS_SERVER_NAME"] == "mq.example"
+    assert env["SAGMQ_AMQP_URL"].startswith("amqps://site-1:")
+    assert read_env(tls_out / "services" / "server.env")["SAGMQ_TLS_CERT_FILE"] == "/etc/sagmq/tls/server.pem"
+    # as mounted (here: the files in place of /etc/sagmq/tls), the settings load
+    local = {k: v.replace("/etc/sagmq/tls", str(tls_out / "tls")) for k, v in env.items()}
+    s = load_settings(local)
+    assert s.tls_cert_file.endswith("site-1.pem") and s.amqp_user == "site-1"
+
+
+def test_tls_handshake_with_the_provisioned_certificates(tls_out: Path) -> None:
+    """A TLS server with the broker's certificate that requires a client certificate, as rabbitmq.conf sets
+    up, and a client configured as sagmq.amqp.connection configures it from the env file."""
+    import socket
+    import ssl
+    import threading
+
+    d = tls_out / "tls"
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(d / "broker.pem", d / "broker.key")
+    server_ctx.load_verify_locations(d / "ca.pem")
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    client_ctx.load_cert_chain(d / "site-1.pem", d / "site-1.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer: list[object] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            peer.append(tls.getpeercert())
+            tls.sendall(b"ok")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
+                client_ctx.wrap_socket(raw, server_hostname="rabbitmq") as tls:
+            assert tls.recv(2) == b"ok"
+        t.join(10)
+    finally:
+        listener.close()
+    subject = dict(x[0] for x in peer[0]["subject"])  # type: ignore[index]
+    assert subject["commonName"] == "site-1"
+    # a name the certificate does not carry is refused
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        try:
+            server_ctx.wrap_socket(conn, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            conn.close()
+
+    t = threading.Thread(target=refuse, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
+                pytest.raises(ssl.SSLCertVerificationError):
+            client_ctx.wrap_socket(raw, server_hostname="elsewhere.example")
+    finally:
+        listener.close()
+
+
+def test_tls_cli_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert cli_main(["provision", "--sites", "site-1", "--out", str(out), "--host", "mq", "--tls",
+                     "--tls-dir", "/certs/", "--broker-names", "rabbitmq, node-2"]) == 0
+    assert "/certs" in capsys.readouterr().out
+    assert read_env(out / "sites" / "site-1.env")["SAGMQ_TLS_KEY_FILE"] == "/certs/site-1.key"
+    assert (out / "tls" / "broker.pem").exists()
+    assert cli_main(["provision", "--sites", "ca", "--out", str(tmp_path / "x"), "--tls"]) == 4  # OUT/tls/ca.pem

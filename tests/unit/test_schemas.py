@@ -36,9 +36,12 @@ import pytest
 
 from sagmq.wire.codec import (
     ALLOWED_DTYPES,
+    COLLECTION,
     DXO,
     MAX_NDIM,
+    METRICS,
     WEIGHTS,
+    collection,
     encode_array,
     encode_dxo,
     unpack,
@@ -56,6 +59,7 @@ from sagmq.wire.messages import (
     ClientHeartbeat,
     Contribution,
     Control,
+    CrossValSave,
     JobEvent,
     Message,
     ModelCommit,
@@ -286,8 +290,12 @@ def test_dxo_and_ndarray_schemas_follow_the_codec() -> None:
     sample = encode_dxo(DXO(WEIGHTS, {"w": np.zeros(2, np.float32)}, {}))
     assert list(dxo["properties"]) == list(sample) == dxo["required"]
     assert dxo["additionalProperties"] is False
+    # arrays, or (kind COLLECTION) sub-DXOs of this same schema
     assert strip_annotations(dxo["properties"]["data"]) == {
-        "type": "object", "additionalProperties": {"$ref": "ndarray.schema.json"}}
+        "type": "object", "additionalProperties": {"anyOf": [{"$ref": "ndarray.schema.json"},
+                                                             {"$ref": "dxo.schema.json"}]}}
+    coll = encode_dxo(collection({"a": DXO(WEIGHTS, {"w": np.zeros(2, np.float32)}, {})}))
+    assert list(coll) == list(sample) and list(coll["data"]["a"]) == list(sample)
     arr = encode_array(np.zeros(2, np.float32))
     assert list(nd["properties"]) == list(arr) == nd["required"]
     assert nd["additionalProperties"] is False
@@ -528,6 +536,14 @@ FAILED_RESULT = TaskResult(JOB_ID, 1, "train", TASK_ID, "site-2", RC_EXECUTION_E
 OPEN = RoundOpen(JOB_ID, 1, TASK_ID, ["site-1", "site-2"], WEIGHTS, {"site-1": 2.0}, {"w": "<f4"}, {"w": [2, 3]},
                  "^bias", False)
 SAVED = ModelSaved(JOB_ID, 1, "/var/lib/sagmq/persistor/jobs/x/models/server.npy")
+# NVFlare's collection mode: a COLLECTION result, its round.open and its aggregate
+COLLECTION_DXO = collection({"model": _dxo({"NUM_STEPS_CURRENT_ROUND": 2}),
+                             "scores": DXO(METRICS, {"accuracy": np.array(0.5)}, {})}, {"note": "two keys"})
+COLLECTION_RESULT = TaskResult(JOB_ID, 1, "train", TASK_ID, "site-1", RC_OK, COLLECTION_DXO)
+COLLECTION_OPEN = RoundOpen(JOB_ID, 1, TASK_ID, ["site-1"], COLLECTION, {}, {"w": "<f4"}, {"w": [2, 3]},
+                            collection_kinds={"model": WEIGHTS, "scores": METRICS},
+                            collection_weights={"model": {"site-1": 2.0}, "scores": {}},
+                            collection_exclude_vars={"model": "^empty$", "scores": ""})
 ABORT = Control("abort", JOB_ID)
 SUBMIT = AdminRequest("submit", {}, {"meta.json": b"{}", "app/config/config_fed_client.json": b"{}"})
 
@@ -543,6 +559,10 @@ SAMPLES: list[Message] = [
     RoundAggregated(JOB_ID, 1, ["site-1"], _dxo({"accepted": ["site-1"]})),
     RoundAggregated(JOB_ID, 1, ["site-1"], _dxo({"accepted": ["site-1"]}), "t-1"),
     RoundAggregated(JOB_ID, 1, [], None),
+    COLLECTION_RESULT,
+    COLLECTION_OPEN,
+    RoundAggregated(JOB_ID, 1, ["site-1"], COLLECTION_DXO),
+    RoundAggregated(JOB_ID, 1, ["site-1"], None, "t-1", "", {"site-1": {"loss": 0.25, "initial_metrics": 1.0}}),
     ModelLoad(JOB_ID, "models", "server.npy", [[1, 2.5], [3, 4]]),
     ModelLoad(JOB_ID),
     ModelLoaded(JOB_ID, "saved", _dxo({}), 2),
@@ -553,6 +573,12 @@ SAMPLES: list[Message] = [
     JobEvent(JOB_ID, "hello-numpy-sag", RUNNING, "", {"started_at": 1.5, "finished_at": None, "min_clients": 2}, []),
     JobEvent(JOB_ID, "hello-numpy-sag", FAILED, "round 1: too few results"),
     ClientHeartbeat("site-1", True, "host-a", 4242, False, JOB_ID, 1),
+    ClientHeartbeat("site-1", False, "host-a", 4242, False, JOB_ID, 1, "", "t1", 20 * 2**20),
+    TrainTask(JOB_ID, 3, 3, 0, "validate", TASK_ID, ["site-1"], _dxo({"model_owner": "SRV_server"}), {"app": ["@ALL"]},
+              {"app": APP_FILES}, result_to="server"),
+    CrossValSave(JOB_ID, "cross_site_val", model_owner="site-1", dxo=_dxo()),
+    CrossValSave(JOB_ID, "cross_site_val", results_path="cross_site_val/cross_val_results.json",
+                 results={"site-1": {"SRV_server": {"accuracy": 3.5}}}),
     ABORT,
     Control("shutdown", target="all"),
     SUBMIT,
@@ -627,6 +653,12 @@ BODY_CASES: list[tuple[str, Message, Callable[[dict[str, Any]], None], bool]] = 
     ("dxo with an extra key", RESULT, _set("dxo", "extra", {}), False),
     ("dxo as a list", RESULT, _set("dxo", []), False),
     ("free-form meta holds anything plain", RESULT, _set("dxo", "meta", "x", [1, None, b"\x00", {"a": 1.5}]), True),
+    ("collection sub-DXO without meta", COLLECTION_RESULT, _drop("dxo", "data", "model", "meta"), False),
+    ("collection sub-DXO as a list", COLLECTION_RESULT, _set("dxo", "data", "model", []), False),
+    ("collection sub-DXO with a bad dtype", COLLECTION_RESULT, _set("dxo", "data", "model", "data", "w", "dtype", "|O"),
+     False),
+    ("collection per-key weights not numbers", COLLECTION_OPEN, _set("collection_weights", "model", "site-1", "x"),
+     False),
 ]
 
 
@@ -673,7 +705,7 @@ PLACEHOLDERS: dict[str, tuple[str, ...]] = {
 SERVICE_PACKAGES = {"server": "server", "aggregator": "aggregator", "persistor": "persistor", "client": "client",
                     "admin": "cli"}
 ROUTE_KEYS = {"exchange", "exchange_type", "routing_key", "publisher", "consumer", "queues", "headers"}
-HEADER_NAMES = {"job_id", "round", "site", "CC"}
+HEADER_NAMES = {"job_id", "round", "site", "BCC"}
 
 
 def _topology() -> tuple[dict[str, str], list[Binding]]:

@@ -90,6 +90,12 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
         "SAGMQ_DEAD_MAX_BYTES": "1e6",
         "SAGMQ_DEAD_TTL_S": "3600",
         "SAGMQ_PERSIST_RETRY_LIMIT_S": "42.5",
+        "SAGMQ_SITE_QUEUE_EXPIRES_S": "600",
+        "SAGMQ_QUEUE_TYPE": "Quorum",
+        "SAGMQ_HEALTH_FILE": "/tmp/h.json",
+        "SAGMQ_SIMULATION_USERS": "sim=site-1..site-9, lab-*; sim2=x",
+        "SAGMQ_METRICS_PORT": "9464",
+        "SAGMQ_MANAGEMENT_URL": "https://mgmt.internal:15671",
     }
     s = load_settings(env)
     assert s.amqp_url == env["SAGMQ_AMQP_URL"]
@@ -117,6 +123,10 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert s.pika_fastpath is False
     assert (s.dead_max_length, s.dead_max_bytes, s.dead_ttl_s) == (1000, 10**6, 3600.0)
     assert s.persist_retry_limit_s == 42.5
+    assert (s.site_queue_expires_s, s.queue_type, s.health_file) == (600.0, "quorum", "/tmp/h.json")
+    assert s.simulation_users == (("sim", ("site-1..site-9", "lab-*")), ("sim2", ("x",)))
+    assert s.metrics_port == 9464
+    assert s.management_url == "https://mgmt.internal:15671"
     # every field of Settings is covered by this test: a new setting needs a line above
     assert {f.name for f in dataclasses.fields(Settings)} == {
         "amqp_url", "prefix", "workspace", "site", "heartbeat_s", "client_timeout_s", "schedule_timeout_s",
@@ -124,7 +134,8 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
         "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name", "chunk_bytes", "max_model_bytes",
         "chunk_timeout_s", "forward_min_bytes", "aggregator_user", "pika_fastpath", "dead_max_length", "dead_max_bytes",
         "dead_ttl_s",
-        "persist_retry_limit_s"}
+        "persist_retry_limit_s", "simulation_users", "management_url", "site_queue_expires_s", "queue_type", "health_file",
+            "metrics_port"}
 
 
 def test_dead_queue_bounds() -> None:
@@ -297,3 +308,32 @@ def test_max_body_bytes_within_limit() -> None:
 )
 def test_amqp_user_from_url(url: str, user: str) -> None:
     assert load_settings({"SAGMQ_AMQP_URL": url}).amqp_user == user
+
+
+# --- issue 12: several broker URLs, site-{n}, queue type, site queue expiry ---------------------------
+
+
+def test_several_broker_urls() -> None:
+    s = load_settings({"SAGMQ_AMQP_URL": "amqp://alice:pw@node-1:5672/v, amqp://bob:pw@node-2:5672/v,"})
+    assert s.amqp_urls == ("amqp://alice:pw@node-1:5672/v", "amqp://bob:pw@node-2:5672/v")
+    assert s.amqp_user == "alice"  # the user of the first
+    assert load_settings({}).amqp_urls == (DEFAULT_URL,)
+    with pytest.raises(ConfigError, match="http://node-2"):
+        load_settings({"SAGMQ_AMQP_URL": "amqp://a:b@node-1/v,http://node-2"})
+
+
+def test_site_number_template() -> None:
+    assert load_settings({"SAGMQ_SITE": "site-{n}"}).site == "site-{n}"
+    for bad in ("site-{n}-{n}", "{x}", "site {n}"):
+        with pytest.raises(ConfigError, match="SAGMQ_SITE"):
+            load_settings({"SAGMQ_SITE": bad})
+
+
+def test_queue_type_and_site_queue_expiry() -> None:
+    s = load_settings({})
+    assert (s.queue_type, s.site_queue_expires_s, s.health_file) == ("classic", 86_400.0, "")
+    assert load_settings({"SAGMQ_SITE_QUEUE_EXPIRES_S": "0"}).site_queue_expires_s == 0.0  # never
+    with pytest.raises(ConfigError, match="SAGMQ_QUEUE_TYPE"):
+        load_settings({"SAGMQ_QUEUE_TYPE": "stream"})
+    with pytest.raises(ConfigError, match="SAGMQ_SITE_QUEUE_EXPIRES_S"):
+        load_settings({"SAGMQ_SITE_QUEUE_EXPIRES_S": "-1"})
