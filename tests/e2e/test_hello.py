@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def test_poc_runs_hello_numpy_sag(amqp_url: str, tmp_path: Path) -> None:
 
 def test_poc_without_broker_says_how_to_start_one(tmp_path: Path) -> None:
     env = {**os.environ, "SAGMQ_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"}
-    p = subprocess.run([SAGMQ, "poc", "--clients", "1", "--workspace", str(tmp_path / "ws")],
+    p = subprocess.run([SAGMQ, "poc", "--clients", "2", "--workspace", str(tmp_path / "ws")],
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 3, p.stdout + p.stderr
     assert "rabbitmq-server -detached" in p.stderr
@@ -72,8 +73,10 @@ def test_separate_processes_submit_wait_download(system: System, tmp_path: Path)
     check_results(out)
     history = (out / "history.json").read_text()
     assert '"round": 2' in history
-    st = sagmq("status")
-    assert '"site-1"' in st.stdout and '"alive": true' in st.stdout
+    st = sagmq("status", "--json")
+    assert [s["alive"] for s in json.loads(st.stdout)["sites"] if s["site"] == "site-1"] == [True], st.stdout
+    human = sagmq("status")
+    assert "site-1" in human.stdout and "SITES" in human.stdout, human.stdout
     # status of a job from a given round record on (what `sagmq bench` polls with), and a bad index
     tail = system.admin.status(job_id, history_from=2)
     assert tail["history_from"] == 2 and [h["round"] for h in tail["history"]] == [2]

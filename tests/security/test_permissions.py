@@ -318,7 +318,7 @@ def test_services_run_hello_numpy_sag_with_their_env_files(prov: Provisioned, tm
             stack.start(site, "client", env=prov.env[site])  # the site name comes from SAGMQ_SITE
         deadline = time.monotonic() + 60
         while True:
-            st = run("status", timeout=30)
+            st = run("status", "--json", timeout=30)
             alive = {s["site"] for s in json.loads(st.stdout)["sites"] if s["alive"]} if st.returncode == 0 else set()
             if set(SITES) <= alive:
                 break
