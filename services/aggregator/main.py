@@ -466,8 +466,10 @@ class AggregatorService:
         if cur.closing is not None and cur.job_id in self.open:
             self._try_close(cur, time.monotonic())
         # the verdict waits for the next tick: if the round closes first, its aggregate lists the site as
-        # accepted, which is all the verdict would tell the server (fast rounds send none)
-        self.accepted_verdicts.append(r)
+        # accepted, which is all the verdict would tell the server (fast rounds send none). Without its
+        # weights: a result is in the sums already, and at 1000 sites × 4 MB the results of one tick held
+        # whole were most of the aggregator's peak (issue 15)
+        self.accepted_verdicts.append(replace(r, dxo=None))
 
     def _flush_verdicts(self) -> None:
         """Publish the accepted verdicts of rounds still open (the server's round rules count them)."""

@@ -16,13 +16,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pika
 import pika.exceptions as px
 
 from sagmq.amqp import rpc
-from sagmq.amqp.connection import CONNECTION_ERRORS, Channel, ConnectionLost, Link, parameters, safe_url, with_retry
+from sagmq.amqp.connection import (
+    CONNECTION_ERRORS,
+    Channel,
+    ConnectionLost,
+    Link,
+    parameters,
+    retryable,
+    safe_url,
+    unavailable,
+    with_retry,
+)
 from sagmq.amqp.consume import Consumer, Consuming
 from sagmq.amqp.fastpath import FastPath, install
 from sagmq.amqp.publish import Advisory, Confirmed, Envelope, encode, properties
@@ -35,6 +45,9 @@ from sagmq.wire.settings import Settings
 from sagmq.wire.topology import Names, Queue, Topology, arguments_advice
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NOT_TAKEN_PAUSE_S = 0.5  # before a request the broker did not take (nacked) is sent again
 
 
 class AmqpBus:
@@ -143,12 +156,7 @@ class AmqpBus:
         if self.sender.sends:
             log.warning("closing with %d send(s) unconfirmed", len(self.sender.sends))
         self._drop()
-        if self._admin is not None:
-            try:
-                self._admin.close()
-            except Exception as e:  # a broken admin connection is closed anyway
-                log.debug("closing the admin connection: %r", e)
-            self._admin = self._admin_ch = None
+        self._drop_admin()
 
     @property
     def channel(self) -> Any:
@@ -157,10 +165,28 @@ class AmqpBus:
         again if the broker closed it; closed by close(). Services never use it."""
         if self._admin_ch is None or not self._admin_ch.is_open:
             if self._admin is None or not self._admin.is_open:
-                self._admin = pika.BlockingConnection(parameters(self.settings, f"{self.service}-admin", False))
+                self._admin = blocking_connection(self.settings, f"{self.service}-admin")
             self._admin_ch = self._admin.channel()
             self._admin_ch.confirm_delivery()
         return self._admin_ch
+
+    def on_admin_channel(self, fn: Callable[[Any], T]) -> T:
+        """fn(channel) on the admin channel; once more on a new connection if the first was lost (a
+        broker node gone). The broker's refusals (ChannelClosedByBroker: 404, 405) reach the caller."""
+        try:
+            return fn(self.channel)
+        except CONNECTION_ERRORS as e:
+            log.info("admin connection lost (%s: %s); opening a new one", type(e).__name__, e)
+            self._drop_admin()
+            return fn(self.channel)
+
+    def _drop_admin(self) -> None:
+        admin, self._admin, self._admin_ch = self._admin, None, None
+        if admin is not None:
+            try:
+                admin.close()
+            except Exception as e:  # a broken admin connection is let go anyway
+                log.debug("closing the admin connection: %r", e)
 
     @property
     def generation(self) -> int:
@@ -307,14 +333,16 @@ class AmqpBus:
         expiration_s: float | None = None,
         on_done: Done | None = None,
         retain: bool = True,
+        persistent: bool = True,
     ) -> None:
-        """Publish like publish() (persistent, confirmed, mandatory; large arrays as parts) without
+        """Publish like publish() (persistent unless told otherwise, confirmed, mandatory; large arrays as parts) without
         waiting for the broker (see send.py). on_done(None), or on_done(error) if the broker refused or
         could not route it, runs on this bus's thread once every part is confirmed. After a lost
         connection, whatever was not confirmed is sent again from its first part. With retain=False
         the message is let go once its last part is out: one that a lost connection leaves
         unconfirmed then fails (on_done(error)) instead."""
-        encoded = encode(self.settings, self.service, msg, Envelope(headers, cc, expiration_s=expiration_s))
+        encoded = encode(self.settings, self.service, msg,
+                         Envelope(headers, cc, expiration_s=expiration_s, persistent=persistent))
         what = f"{msg.TYPE} to {exchange!r} ({routing_key!r})"
         self.sender.add(Send(exchange, routing_key, encoded.bodies, True, on_done, what, retain=retain))
         self._pump_safe()
@@ -509,19 +537,79 @@ class AmqpBus:
             log.warning("reply to %s not delivered: %s", request.reply_to, e,
                         extra={"rate_kind": f"reply lost {request.queue}"})
 
-    def rpc(self, exchange: str, routing_key: str, msg: Message, timeout_s: float) -> Delivery:
-        """Send a request and wait for its reply over direct reply-to; retried once after a lost connection."""
-        try:
-            return rpc.rpc_once(self, self._main_channel(), self._generation, exchange, routing_key, msg, timeout_s)
-        except CONNECTION_ERRORS as e:
-            self._reconnect(e)
-            return rpc.rpc_once(self, self._main_channel(), self._generation, exchange, routing_key, msg, timeout_s)
+    def rpc(self, exchange: str, routing_key: str, msg: Message, timeout_s: float, resend: bool = True) -> Delivery:
+        """Send a request and wait for its reply over direct reply-to, for up to timeout_s in all. A lost
+        connection is rebuilt (the next broker of SAGMQ_AMQP_URL, when the first is gone) and the reply
+        consumer set up again on it; a request in flight is then sent again when resend (one that only
+        reads), else it fails with RequestLost: it may or may not have been carried out. One the broker
+        did not take (nacked while a quorum queue elects a leader) is sent again after a pause when resend,
+        else it fails with RequestNotTaken."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.broken():  # lost before (a failed reconnect of an earlier call): connect again first
+                self._reconnect(ConnectionLost("the connection was lost before the request"))
+            sent: list[bool] = []
+            try:
+                return rpc.rpc_once(self, self._main_channel(), self._generation, exchange, routing_key, msg,
+                                    max(0.1, deadline - time.monotonic()), sent)
+            except px.ChannelClosedByBroker as e:
+                self._reconnect(e)
+                raise BrokerRefused(f"the broker refused a request to {exchange!r} with key {routing_key!r}: "
+                                    f"{e.reply_code} {e.reply_text}") from e
+            except rpc.RequestNotTaken as e:
+                if not resend or time.monotonic() + NOT_TAKEN_PAUSE_S >= deadline:
+                    raise
+                log.info("%s; %s %r sent again", e, msg.TYPE, routing_key)
+                time.sleep(NOT_TAKEN_PAUSE_S)  # a quorum queue electing a leader: a moment
+            except CONNECTION_ERRORS as e:
+                self._reconnect(e)
+                if sent and not resend:
+                    raise rpc.RequestLost(f"the connection to the broker was lost while {msg.TYPE} "
+                                          f"{routing_key!r} waited for its reply ({e}): it may or may not have "
+                                          "been carried out") from e
+                if time.monotonic() >= deadline:
+                    raise rpc.RequestLost(f"the connection to the broker was lost while {msg.TYPE} "
+                                          f"{routing_key!r} waited for its reply ({e}), and no time is left") from e
+                log.info("connection lost mid-request (%s); %s %r sent again", e, msg.TYPE, routing_key)
+
+    def publish_request(self, exchange: str, routing_key: str, msg: Message, reply_to: str, correlation_id: str,
+                        expiration_s: float) -> None:
+        """Publish a request (persistent, confirmed, mandatory) on this connection only: a lost connection
+        raises instead of reconnecting, since the reply consumer lives on this connection's main channel."""
+        env = Envelope(reply_to=reply_to, correlation_id=correlation_id, expiration_s=expiration_s)
+        for body, props in encode(self.settings, self.service, msg, env).bodies():
+            self._confirmed.publish(exchange, routing_key, body, props, True, self.between)
 
     def browse(self, queue: str, limit: int = 1000) -> list[Delivery]:
         """Read up to limit messages of a queue without removing them (they are requeued in order)."""
         if self._link is None:
             raise SagmqError("the bus is not connected")
         return rpc.browse(self._link, queue, limit, self._generation)
+
+
+def open_blocking(params: Any) -> Any:
+    """A pika.BlockingConnection to the first of params (one or a list) that answers, tried in turn like
+    Link.open: an unreachable broker (refused, timed out, a host name that does not resolve, as Docker does
+    for a killed container) passes to the next; refused credentials or TLS raise at once. pika's own list
+    handling stops at the first host that does not resolve, hence one at a time. Raises the last error."""
+    many = list(params) if isinstance(params, list | tuple) else [params]
+    for i, p in enumerate(many):
+        try:
+            return pika.BlockingConnection(p)
+        except (px.AMQPError, OSError) as e:
+            if i + 1 == len(many) or not retryable(e):
+                raise
+            log.info("broker %s:%s did not answer (%s); trying the next", p.host, p.port, e)
+    raise AssertionError("unreachable: no parameters")
+
+
+def blocking_connection(settings: Settings, service: str) -> Any:
+    """open_blocking() on SAGMQ_AMQP_URL without heartbeats (a tool's connection, idle between its
+    calls); BrokerUnavailable with the reason of the last broker tried if none answers."""
+    try:
+        return open_blocking(parameters(settings, service, False))
+    except (px.AMQPError, OSError) as e:
+        raise unavailable(settings.amqp_url, e) from e
 
 
 def _wake() -> None:

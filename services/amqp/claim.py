@@ -19,9 +19,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import pika
 import pika.exceptions as px
 
+from sagmq.amqp.bus import open_blocking
 from sagmq.amqp.connection import AUTH_ERRORS, parameters, with_retry
 from sagmq.wire.errors import BrokerRefused, BrokerUnavailable
 from sagmq.wire.settings import SITE_NUMBER, Settings, check_name
@@ -50,7 +50,8 @@ class SiteClaim:
     def _connect(self, timeout_s: float) -> None:
         """Connect, retrying connection errors for up to timeout_s (a broker still starting), as the bus does."""
         def once() -> None:
-            self._conn = pika.BlockingConnection(parameters(self.settings, f"{self.service}-claim"))
+            # each URL in turn: a killed cluster node's name stops resolving (see bus.open_blocking)
+            self._conn = open_blocking(parameters(self.settings, f"{self.service}-claim"))
 
         try:
             with_retry(once, timeout_s, self.settings.amqp_url)

@@ -165,6 +165,10 @@ class Confirmed:
             raise SagmqError(f"message to {exchange!r} with key {routing_key!r} was unroutable")
 
 
+def _ignore(_frame: Any) -> None:
+    """(An advisory channel's confirms: nobody waits for them.)"""
+
+
 class Advisory:
     """Transient, unconfirmed publishes on a channel of their own: they never wait for the broker."""
 
@@ -177,8 +181,13 @@ class Advisory:
         self._ch = None
 
     def publish(self, link: Link, exchange: str, routing_key: str, body: bytes, props: pika.BasicProperties) -> None:
-        """Publish now; a channel the broker closed (e.g. a missing exchange) is replaced next time."""
+        """Publish now; a channel the broker closed (e.g. a missing exchange) is replaced next time.
+
+        The channel is in confirm mode though nothing waits for the confirms (they are dropped as they
+        come): RabbitMQ enqueues an unconfirmed message into a quorum queue untracked, and one sent while
+        the queue elects a new leader (a cluster node went down) can be lost for good, whereas a confirmed
+        one is sent again to the new leader. Heartbeats lost that way made a live site look dead."""
         if self._ch is None or not self._ch.is_open:
-            self._ch = link.channel()
+            self._ch = link.channel(confirm=_ignore)
         self._ch.ch.basic_publish(exchange, routing_key, body, props)
         self._written(len(body), props.type)

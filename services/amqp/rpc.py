@@ -17,11 +17,20 @@ from sagmq.amqp.connection import Channel, Link
 from sagmq.amqp.consume import to_delivery
 from sagmq.wire.blob import Reassembler, is_part
 from sagmq.wire.bus import Delivery
-from sagmq.wire.errors import DecodeError, RpcTimeout
+from sagmq.wire.errors import DecodeError, RpcTimeout, SagmqError
 from sagmq.wire.messages import Message
 from sagmq.wire.settings import Settings
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class RequestLost(SagmqError):
+    """The connection was lost while a request waited for its reply, and it was not sent again."""
+
+
+class RequestNotTaken(SagmqError):
+    """The broker did not take a request (nacked, as a quorum queue does while it elects a leader, or
+    unroutable): nothing was carried out, and it can be sent again."""
 
 
 class Requester(Protocol):
@@ -29,9 +38,9 @@ class Requester(Protocol):
 
     settings: Settings
 
-    def publish(self, exchange: str, routing_key: str, msg: Message, *, reply_to: str | None = None,
-                correlation_id: str | None = None, expiration_s: float | None = None) -> None:
-        """Publish a message, confirmed."""
+    def publish_request(self, exchange: str, routing_key: str, msg: Message, reply_to: str, correlation_id: str,
+                        expiration_s: float) -> None:
+        """Publish a request, confirmed, on the current connection (raise, not reconnect, if it is lost)."""
 
     def between(self) -> None:
         """Work to do while waiting for the broker."""
@@ -69,14 +78,24 @@ class _Replies:
 
 
 def rpc_once(bus: Requester, ch: Channel, generation: int, exchange: str, routing_key: str, msg: Message,
-             timeout_s: float) -> Delivery:
-    """Send a request and wait for its reply (RpcTimeout after timeout_s)."""
+             timeout_s: float, sent: list[bool] | None = None) -> Delivery:
+    """Send a request and wait for its reply (RpcTimeout after timeout_s), all on one connection: the
+    reply consumer is set up on ch (the main channel; direct reply-to needs it on the publishing channel)
+    before the request goes out, so a lost connection raises (a connection error) rather than publish on a
+    new channel without it (which the broker refuses: 406 fast reply consumer does not exist). sent, if
+    given, gets True once the request was handed to the broker (it may then have been carried out)."""
     replies = _Replies(uuid.uuid4().hex, bus.settings, generation)
     tag = ch.call(lambda cb: ch.ch.basic_consume(REPLY_TO, replies.on_reply, auto_ack=True, callback=cb),
                   "Basic.Consume of direct reply-to").method.consumer_tag
     try:
-        bus.publish(exchange, routing_key, msg, reply_to=REPLY_TO, correlation_id=replies.corr,
-                    expiration_s=timeout_s)
+        if sent is not None:
+            sent.append(True)
+        try:
+            bus.publish_request(exchange, routing_key, msg, REPLY_TO, replies.corr, timeout_s)
+        except RpcTimeout:
+            raise
+        except SagmqError as e:  # a nack or a return: the broker has not got it
+            raise RequestNotTaken(str(e)) from e
         deadline = time.monotonic() + timeout_s
         while (reply := replies.take()) is None:
             left = deadline - time.monotonic()

@@ -12,12 +12,21 @@ import time
 from typing import Any
 
 from sagmq.amqp import AmqpBus
+from sagmq.amqp.rpc import RequestLost, RequestNotTaken
 from sagmq.wire.errors import RpcTimeout, SagmqError
 from sagmq.wire.messages import AdminReply, AdminRequest
 from sagmq.wire.settings import Settings
 from sagmq.wire.topology import RK_ADMIN_PERSISTOR, RK_ADMIN_SERVER, service_topology
 
 NOT_FOUND = 404
+# Commands that only read: sent again when the connection is lost while they wait for their reply.
+READ_ONLY = frozenset({"status", "list", "download"})
+
+
+class NoAnswer(SagmqError):
+    """A request got no answer: nobody consumes its queue, no reply came in time, or the connection to the
+    broker was lost while it waited (a command that changes something is then not sent again). Worth another
+    try later, unlike a reply that says the command failed."""
 
 
 CLI_CONNECT_S = 2.5  # a command fails within 5 s when no broker answers (the process's own start included)
@@ -50,10 +59,13 @@ class AdminClient:
             self._wait_for_consumer(self.bus.names.server_admin_queue, "sagmq server",
                                     min(deadline, time.monotonic() + self.server_grace_s))
         try:
-            d = self.bus.rpc(self.bus.names.admin, to, req, max(0.1, deadline - time.monotonic()))
+            d = self.bus.rpc(self.bus.names.admin, to, req, max(0.1, deadline - time.monotonic()),
+                             resend=command in READ_ONLY)
         except RpcTimeout as e:
             who = "sagmq server" if to == RK_ADMIN_SERVER else "sagmq persistor"
-            raise SagmqError(f"{e}: is `{who}` running with SAGMQ_PREFIX={self.s.prefix}?") from e
+            raise NoAnswer(f"{e}: is `{who}` running with SAGMQ_PREFIX={self.s.prefix}?") from e
+        except (RequestLost, RequestNotTaken) as e:
+            raise NoAnswer(f"{command}: {e}" + ("" if command in READ_ONLY else "; `sagmq status` tells")) from e
         reply = d.message(AdminReply, self.s.max_body_bytes)
         if not reply.ok:
             raise SagmqError(reply.error)
@@ -62,7 +74,7 @@ class AdminClient:
     def consumers(self, queue: str) -> int:
         """How many consumers a queue has (0 if it does not exist), from a passive declare."""
         try:
-            return int(self.bus.channel.queue_declare(queue, passive=True).method.consumer_count)
+            return int(self.bus.on_admin_channel(lambda ch: ch.queue_declare(queue, passive=True)).method.consumer_count)
         except Exception as e:  # pika's ChannelClosedByBroker; only the bus may import pika
             if getattr(e, "reply_code", None) == NOT_FOUND:
                 return 0
@@ -71,7 +83,7 @@ class AdminClient:
     def queue_depth(self, queue: str) -> tuple[int, int] | None:
         """Messages and consumers of a queue (a passive declare), or None if it does not exist."""
         try:
-            m = self.bus.channel.queue_declare(queue, passive=True).method
+            m = self.bus.on_admin_channel(lambda ch: ch.queue_declare(queue, passive=True)).method
         except Exception as e:  # pika's ChannelClosedByBroker; only the bus may import pika
             if getattr(e, "reply_code", None) == NOT_FOUND:
                 return None
@@ -82,7 +94,7 @@ class AdminClient:
         """Wait until deadline for a consumer of queue (a service restarting), else fail without sending."""
         while self.consumers(queue) == 0:
             if time.monotonic() >= deadline:
-                raise SagmqError(f"nobody consumes {queue}: is `{who}` running with SAGMQ_PREFIX={self.s.prefix}? "
+                raise NoAnswer(f"nobody consumes {queue}: is `{who}` running with SAGMQ_PREFIX={self.s.prefix}? "
                                  f"The request was not sent")
             time.sleep(0.2)
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from sagmq.wire.errors import SagmqError, UsageError
+from sagmq.wire.errors import BrokerUnavailable, SagmqError, UsageError
 from sagmq.wire.messages import ABORTED, FAILED, FINISHED
 
 if TYPE_CHECKING:  # only for the annotation: importing it would load the broker client
     from sagmq.cli.admin import AdminClient
 
+log = logging.getLogger(__name__)
+
 PROGRESS_MIN_BYTES = 4 * 2**20  # a round's task this large gets its transfer progress told
+FOLLOW_OUTAGE_S = 120.0  # `wait` asks again for this long when nobody answers (a broker failover, a restart)
 
 
 def write_files(out: Path, files: dict[str, bytes]) -> None:
@@ -117,11 +121,31 @@ def _event(out: TextIO, as_json: bool, kind: str, job_id: str, text: str, **fiel
 def wait_job(admin: AdminClient, job_id: str, timeout_s: float | None, out: TextIO = sys.stdout,
              as_json: bool = False) -> dict[str, Any]:
     """Poll a job's status until it ends or time runs out, printing each finished round and each change
-    of what the job waits for (sites connecting, "2 of 5 connected"); as_json: one JSON line per event."""
+    of what the job waits for (sites connecting, "2 of 5 connected"); as_json: one JSON line per event.
+    No answer (the broker node it reached killed, the server restarting) is asked again for up to
+    FOLLOW_OUTAGE_S: the job is followed across a reconnect to another broker of SAGMQ_AMQP_URL."""
+    from sagmq.cli.admin import NoAnswer
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     shown, waits, status, moved = 0, "", "", None
+    lost_since: float | None = None
     while True:
-        st = admin.status(job_id)
+        try:
+            st = admin.status(job_id)
+        except (NoAnswer, BrokerUnavailable) as e:
+            # a broker node or the server going away: the bus reconnects (the next broker of SAGMQ_AMQP_URL)
+            # and the next status request follows the job there, for up to FOLLOW_OUTAGE_S without an answer
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                log.warning("job %s: no answer (%s); asking again", job_id[:8], e)
+            if now - lost_since > FOLLOW_OUTAGE_S or (deadline is not None and now > deadline):
+                raise
+            time.sleep(1.0)
+            continue
+        if lost_since is not None:
+            log.warning("job %s: answered again after %.1f s", job_id[:8], time.monotonic() - lost_since)
+            lost_since = None
         for h in st.get("history", [])[shown:]:
             _event(out, as_json, "round", st["job_id"], format_round(h), record=h)
         shown = len(st.get("history", []))

@@ -119,11 +119,28 @@ def queues_from_amqp(admin: AdminClient, names: list[str]) -> list[dict[str, Any
     return sorted(out, key=lambda q: q["name"])
 
 
+RESOURCE_LOCKED = 405  # a passive declare of another connection's exclusive queue
+
+
+def is_claim(prefix: str, queue: str) -> bool:
+    """A site's name claim (P.claim.<site>): an exclusive queue of the site's connection (sagmq.amqp.claim)."""
+    return queue.startswith(f"{prefix}.claim.")
+
+
 def live_counts(admin: AdminClient, q: dict[str, Any]) -> dict[str, Any] | None:
     """A management API row with its ready messages and consumers as the queue has them now (a passive
     declare): the API's figures are up to its statistics interval (5 s) old, which shows a service that
-    just started as no consumer. None if the queue is gone."""
-    depth = admin.queue_depth(q["name"])
+    just started as no consumer. None if the queue is gone. A site's name claim is exclusive to the site's
+    connection, so it is not declared (the broker would refuse: 405 RESOURCE_LOCKED) but shown as the API
+    has it, marked as a claim; so is any other queue the broker will not let us declare."""
+    if is_claim(admin.s.prefix, q["name"]):
+        return {**q, "claim": True}
+    try:
+        depth = admin.queue_depth(q["name"])
+    except Exception as e:  # pika's ChannelClosedByBroker (only the bus may import pika); the next declare
+        if getattr(e, "reply_code", None) != RESOURCE_LOCKED:  # gets a fresh channel (AmqpBus.channel)
+            raise
+        return dict(q)
     if depth is None:
         return None
     ready, consumers = depth
@@ -248,8 +265,9 @@ def _rate_text(v: float | None) -> str:
 
 
 def queue_rows(queues: list[dict[str, Any]]) -> list[list[str]]:
-    """The queue table's rows: name, messages, ready, unacked, consumers, bytes, in/s, out/s."""
-    return [[q["name"], str(q["messages"]), str(q["ready"]), "-" if q["unacked"] is None else str(q["unacked"]),
+    """The queue table's rows: name (a site's name claim marked so), messages, ready, unacked, consumers,
+    bytes, in/s, out/s."""
+    return [[q["name"] + (" (site name claim)" if q.get("claim") else ""), str(q["messages"]), str(q["ready"]), "-" if q["unacked"] is None else str(q["unacked"]),
              str(q["consumers"]), size(q["bytes"]), _rate_text(q["publish_rate"]), _rate_text(q["deliver_rate"])]
             for q in queues]
 

@@ -19,6 +19,7 @@ from sagmq.client.apps import App, deploy
 from sagmq.filters.base import TASK_DATA, TASK_RESULT
 from sagmq.runtime.lifecycle import serve
 from sagmq.runtime.metrics import meter_of
+from sagmq.storage.files import shared_saver
 from sagmq.wire.bus import Bus, Delivery
 from sagmq.wire.codec import DXO, WEIGHTS
 from sagmq.wire.errors import EXIT_FAILED, Rejected, SagmqError
@@ -39,6 +40,13 @@ from sagmq.wire.topology import RK_HEARTBEAT, RK_RESULT, RK_RESULT_SERVER, site_
 log = logging.getLogger(__name__)
 LARGE_RESULT_BYTES = 2**20  # a result this large makes the next task wait for its confirm
 LARGE_RESULT_WAIT_S = 60.0
+LOCAL_SAVE_FLUSH_S = 30.0  # on the way out, how long a site waits for its executors' local saves to be written
+
+
+def flush_local_saves() -> None:
+    """On the way out: let the local saves still waiting for the process's writer thread reach the disk."""
+    if not shared_saver().flush(timeout_s=LOCAL_SAVE_FLUSH_S):
+        log.warning("local model saves not written within %g s of stopping", LOCAL_SAVE_FLUSH_S)
 
 
 @dataclass(slots=True)
@@ -131,6 +139,7 @@ class ClientService:
             with self.state.lock:
                 if self.state.current:
                     self.state.current.ctx.abort.set()
+            flush_local_saves()
 
     def flush_results(self) -> None:
         """Publish finished results (on the I/O thread); one that cannot go now is kept for later."""

@@ -21,16 +21,19 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
-from sagmq.client.main import ClientService
+from sagmq.client.main import ClientService, flush_local_saves
 from sagmq.wire.bus import Bus, Delivery
+from sagmq.wire.codec import unpack
 from sagmq.wire.errors import ConfigError
 from sagmq.wire.settings import Settings, check_name, site_range
 
 log = logging.getLogger(__name__)
 
 SHARE_MIN_BYTES = 64 * 2**10  # bodies at least this large are shared between the sites (see MultiSite.share)
-SHARED_BODIES = 4  # how many such bodies are kept for sharing: a round's task and its forwarded aggregate
+SHARED_BODIES = 4  # how many such bodies (and their decoded maps) are kept for sharing: a round's task and its
+# forwarded aggregate
 MAX_SITES = 100_000  # a typo such as site-1..site-1000000 fails at start instead of filling the broker
 
 
@@ -144,7 +147,8 @@ class MultiSite:
         self.max_unconfirmed = max(2, threads)
         self.pool = SerialPool(threads, self._room)
         self.sites = [ClientService(settings.with_site(site), bus, self.pool, self.stop) for site in sites]
-        self._bodies: OrderedDict[str, bytes] = OrderedDict()  # the last few bodies by message id (I/O thread)
+        # the last few large bodies by message id, each with its decoded map (I/O thread)
+        self._bodies: OrderedDict[str, tuple[bytes, Any]] = OrderedDict()
         for svc in self.sites:
             svc.intake = self.share
         self._started = 0  # sites whose first tick (their hello) came: spread over the first heartbeat
@@ -152,17 +156,22 @@ class MultiSite:
 
     def share(self, d: Delivery) -> None:
         """One copy of a body that many of the process's sites got (a task fanned out to them, an aggregate
-        forwarded to them): a later delivery with the same message id and the same bytes takes the first
-        one's body, and its own copy is freed. 1000 sites then hold one model, not 1000. (Parts of a
-        model larger than the chunk size are assembled per site, as they are in one-site processes.)"""
+        forwarded to them), decoded once: a later delivery with the same message id and the same bytes takes
+        the first one's body and decoded map (Delivery.payload), and its own copy is freed. Every site's
+        message then holds read-only arrays over the same bytes (decoding copies each array out of the body,
+        so 250 sites decoding for themselves held 250 models, waiting in the pool's queue or as forwarded
+        aggregates). 1000 sites then hold one model, not 1000. (Parts of a model larger than the chunk size
+        are assembled per site, as they are in one-site processes.) A body that does not decode raises
+        DecodeError here, as the site's own decoding would."""
         if not d.message_id or d.payload is not None or len(d.body) < SHARE_MIN_BYTES:
             return
         kept = self._bodies.get(d.message_id)
-        if kept is not None and kept is not d.body and kept == d.body:
-            d.body = kept
+        if kept is not None and (kept[0] is d.body or kept[0] == d.body):
+            d.body, d.payload = kept
             self._bodies.move_to_end(d.message_id)
             return
-        self._bodies[d.message_id] = d.body
+        d.payload = unpack(d.body, self.s.max_body_bytes)
+        self._bodies[d.message_id] = (d.body, d.payload)
         while len(self._bodies) > SHARED_BODIES:
             self._bodies.popitem(last=False)
 
@@ -202,6 +211,7 @@ class MultiSite:
                 with svc.state.lock:
                     if svc.state.current:
                         svc.state.current.ctx.abort.set()
+            flush_local_saves()
 
 
 def serve_sites(settings: Settings, sites: list[str], workers: int | None = None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ from sagmq.client.api import (
     TaskContext,
     TaskError,
 )
-from sagmq.storage.files import overwrite_npy
+from sagmq.storage.files import NpySaver, shared_saver
 
-BACKGROUND_SAVE_BYTES = 1 << 20  # local models from this size on are saved in a thread
+BACKGROUND_SAVE_BYTES = 1 << 20  # local models from this size on are saved by the process's writer thread
 QUICK_BYTES = 256 << 10  # with no sleep_time, a model up to this size is trained on the site's I/O thread
 
 
@@ -46,7 +45,8 @@ class NPTrainer(Executor):
         self.submit_model_task_name = submit_model_task_name
         self.model_name = model_name
         self.model_dir = model_dir
-        self._saving: threading.Thread | None = None
+        self.saver: NpySaver = shared_saver()  # one writer for every site of the process
+        self._saved: Path | None = None  # the file of the last local save
 
     def execute(self, task_name: str, dxo: DXO, ctx: TaskContext) -> DXO:
         """Train (add delta) on the train task, return the local model on the submit_model task (cross-site
@@ -73,8 +73,8 @@ class NPTrainer(Executor):
 
     def _submit_model(self, ctx: TaskContext) -> DXO:
         """The local model saved by the last training (NVFlare's NPTrainer: EXECUTION_RESULT_ERROR without one)."""
-        self.wait_saved()
         path = ctx.workdir / self.model_dir / self.model_name
+        self.saver.flush(path)  # a save of it still waiting for the writer: read the newest model, whole
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -89,26 +89,25 @@ class NPTrainer(Executor):
                 and sum(v.nbytes for v in dxo.data.values()) <= QUICK_BYTES)
 
     def _save_local(self, ctx: TaskContext, path: Path, arr: np.ndarray) -> None:
-        """Save the local model as NVFlare's NPTrainer does. A large one is written in the background,
-        so the result does not wait for the disk (the array is never changed afterwards); a small one
-        at once (cheaper than a thread). One save at a time, in order."""
-        self.wait_saved()
+        """Save the local model as NVFlare's NPTrainer does. A large one goes to the process's writer thread,
+        so the result does not wait for the disk (the array is never changed afterwards): at most one save
+        per file waits there, a newer one replacing it, and the arrays waiting are bounded in bytes
+        (sagmq.storage.files.NpySaver). A small one is written at once (cheaper than a hand-over)."""
+        self._saved = path
 
-        def save() -> None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                overwrite_npy(path, arr)
-            except OSError as e:  # NVFlare only logs a failed local save
-                ctx.log.warning("could not save the local model: %s", e)
+        def failed(e: OSError) -> None:  # NVFlare only logs a failed local save
+            ctx.log.warning("could not save the local model: %s", e)
 
-        if arr.nbytes < BACKGROUND_SAVE_BYTES:
-            save()
+        if arr.nbytes >= BACKGROUND_SAVE_BYTES:
+            self.saver.save(path, arr, failed)
             return
-        self._saving = threading.Thread(target=save, name="local-save", daemon=True)
-        self._saving.start()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.saver.save_now(path, arr)
+        except OSError as e:
+            failed(e)
 
     def wait_saved(self) -> None:
-        """Wait for the last local save to be written."""
-        if self._saving is not None:
-            self._saving.join()
-            self._saving = None
+        """Wait for the last local save to be written (cross-site evaluation reads the file next)."""
+        if self._saved is not None:
+            self.saver.flush(self._saved)

@@ -238,10 +238,11 @@ class MemoryBus:
         expiration_s: float | None = None,
         on_done: Done | None = None,
         retain: bool = True,
+        persistent: bool = True,
     ) -> None:
         """Publish now; on_done(None or the error) runs at this bus's next process()."""
         self._require()
-        envs = self._encode(exchange, routing_key, msg, headers, cc, expiration_s=expiration_s)
+        envs = self._encode(exchange, routing_key, msg, headers, cc, expiration_s=expiration_s, persistent=persistent)
         error: SagmqError | None = None
         try:
             for env in envs:

@@ -76,6 +76,9 @@ from sagmq.wire.topology import (
 
 log = logging.getLogger(__name__)
 ENDED = (FINISHED, FAILED, ABORTED)
+# a send to the events exchange that the broker refuses is made again this many times in all (after 0.5, 1,
+# 2, 4, then every 5 s: about 25 s, longer than a cluster takes to elect a new queue leader)
+SEND_ATTEMPTS = 8
 # the messages of the server queue that go to the running job's ScatterAndGather
 _JOB_EVENTS: dict[str, type[Message]] = {c.TYPE: c for c in (Contribution, RoundAggregated, ModelLoaded, ModelSaved,
                                                                TaskResult)}
@@ -152,6 +155,7 @@ class ServerService:
         self.site_states: dict[str, SiteState] = {}
         self.model_bytes: dict[str, int] = {}  # job -> array bytes of its last task that carried the model
         self.run_: Run | None = None
+        self._later: list[tuple[float, Callable[[], None]]] = []  # (when, send): sends the broker refused
         self._state_saved_at = 0.0
         self._waiting_logged = 0.0
         # rounds, contributions and sites for the Prometheus metrics (runtime.metrics); the sites are read
@@ -223,6 +227,11 @@ class ServerService:
     def tick(self) -> None:
         """Schedule queued jobs; let the running job's rounds see the time and the sites."""
         now = time.monotonic()
+        if self._later:  # sends to make again (see _send_event)
+            due = [fn for at, fn in self._later if at <= now]
+            self._later = [(at, fn) for at, fn in self._later if at > now]
+            for fn in due:
+                fn()
         run = self.run_
         if run is None:
             self._schedule(now)
@@ -329,11 +338,9 @@ class ServerService:
             case OpenRound(message=msg):
                 if self._spec(job_id).filters.get(TASK_RESULT):  # the aggregator runs them (sagmq.filters.sides)
                     msg = replace(msg, result_filters=result_filters_to_wire(self._spec(job_id).filters))
-                self.bus.publish(self.names.events, RK_ROUND_OPEN, msg, headers={"job_id": job_id, "round": msg.round},
-                                 advisory=True)
+                self._send_event(run, RK_ROUND_OPEN, msg, {"job_id": job_id, "round": msg.round})
             case CloseRound(message=msg):
-                self.bus.publish(self.names.events, RK_ROUND_CLOSE, msg, headers={"job_id": job_id, "round": msg.round},
-                                 advisory=True)
+                self._send_event(run, RK_ROUND_CLOSE, msg, {"job_id": job_id, "round": msg.round})
             case LoadModel(message=msg):
                 msg = replace(msg, snapshot_every_n_rounds=self._spec(job_id).sag.snapshot_every_n_rounds)
                 self.bus.publish(self.names.events, RK_MODEL_LOAD, msg, headers={"job_id": job_id})
@@ -383,7 +390,7 @@ class ServerService:
             self.model_bytes[task.job_id] = sum(a.nbytes for a in task.dxo.data.values())
         self.bus.send(self.names.tasks, sites[0], task, cc=sites[1:],
                       headers={"job_id": task.job_id, "round": task.round},
-                      expiration_s=effect.expiration_s,
+                      expiration_s=effect.expiration_s, persistent=not effect.transient,
                       on_done=self._task_sent(task.job_id, task.round, sites))
 
     @staticmethod
@@ -397,12 +404,30 @@ class ServerService:
         """model.commit / model.save, sent in order on the sending channel; a final one that cannot be
         sent fails the job."""
         rk = RK_MODEL_COMMIT if isinstance(msg, ModelCommit) else RK_MODEL_SAVE
-        on_done = None
+        on_failed = None
         if msg.final:
-            def on_done(err: SagmqError | None) -> None:
-                if err is not None and self.run_ is run:
-                    self._apply(run, run.sag.on_persist_failed(msg.round, str(err), time.monotonic()))
-        self.bus.send(self.names.events, rk, msg, headers={"job_id": msg.job_id, "round": msg.round}, on_done=on_done)
+            def on_failed(err: SagmqError) -> None:
+                self._apply(run, run.sag.on_persist_failed(msg.round, str(err), time.monotonic()))
+        self._send_event(run, rk, msg, {"job_id": msg.job_id, "round": msg.round}, on_failed)
+
+    def _send_event(self, run: Run, rk: str, msg: Message, headers: dict[str, Any],
+                    on_failed: Callable[[SagmqError], None] | None = None, attempt: int = 0) -> None:
+        """A confirmed send to the events exchange, sent again when the broker refuses it (a nack: a quorum
+        queue without a leader while a cluster node fails over, say), up to SEND_ATTEMPTS times with backoff,
+        while the run is still this server's. A lost connection needs nothing here: the bus sends whatever
+        was not confirmed again on the next connection. (round.open and round.close were once advisory,
+        fire-and-forget publishes; one dropped while a cluster failed over left the aggregator waiting.)"""
+        def done(err: SagmqError | None) -> None:
+            if err is None or self.run_ is not run:
+                return
+            if attempt + 1 < SEND_ATTEMPTS:
+                delay = min(5.0, 0.5 * 2**attempt)
+                log.warning("%s of job %s: %s; sending it again in %.1f s", msg.TYPE, run.job.job_id, err, delay)
+                self._later.append((time.monotonic() + delay, lambda: self._send_event(
+                    run, rk, msg, headers, on_failed, attempt + 1)))
+            elif on_failed is not None:
+                on_failed(err)
+        self.bus.send(self.names.events, rk, msg, headers=headers, on_done=done)
 
     def _to_sites(self, sites: list[str], msg: Control) -> None:
         """One publish fanned out by the broker to the sites' queues (CC)."""

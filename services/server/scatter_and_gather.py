@@ -44,7 +44,9 @@ closes by the round rules and re-sends the whole task, once a round, to a target
 owes an answer and has been idle for ``idle_grace_s`` (RETURNED_IDLE_HEARTBEATS = 3 heartbeats,
 whatever client_timeout_s is: a new process cannot be running the task its predecessor took, and
 a task still in its queue reaches it, and shows in its heartbeat as busy, within a heartbeat or
-two; a site back before it was missed must not wait for train_timeout); AGGREGATING re-sends
+two; a site back before it was missed must not wait for train_timeout), and after a reconnect (the
+broker may have restarted and dropped the task, which travels transient) to every target that owes
+an answer and stays idle that long; AGGREGATING re-sends
 round.close every ROUND_CLOSE_RESEND_S; LOADING and SAVING re-send model.load / the final model
 (as a whole model.save) once after persistor_retry_s (60 s) and fail the job after
 persistor_timeout_s (600 s). While the persistor reports that its disk refuses a save (model.saved
@@ -229,6 +231,9 @@ class SendTask:
     sites: tuple[str, ...]
     task: TrainTask
     expiration_s: float | None = None  # train_timeout: a task no one took by then is of no use (NVFlare's TTL)
+    # transient (delivery mode 1): the broker keeps it in memory only; a restart of the broker loses it,
+    # and the round's re-send rule (on_reconnect, _resend_to_idle) sends the whole task again
+    transient: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +292,7 @@ class _Round:
     min_reached_at: float | None = None
     whole_sent_at: dict[str, float] = field(default_factory=dict)  # site -> when it last got the whole task again
     idle_since: dict[str, float] = field(default_factory=dict)  # outstanding target -> first seen idle
+    reconnected: bool = False  # the broker may have restarted since the task went out (it was transient)
 
     def answer(self, site: str, accepted: bool, rc: str, now: float) -> str | None:
         """Record a target's answer; return a reason if the job must fail because of it."""
@@ -601,6 +607,10 @@ class ScatterAndGather:
         if rnd is None or self.phase not in (Phase.TRAINING, Phase.AGGREGATING):
             return []
         log.info("reconnected: sending round %s of job %s to the aggregator again", self.round, self.job_id)
+        if self.phase == Phase.TRAINING:  # a restarted broker dropped the transient task from the queues:
+            rnd.reconnected = True  # every outstanding target idle for idle_grace_s gets the whole task again
+            rnd.whole_sent_at.clear()
+            rnd.idle_since.clear()
         out: Effects = [OpenRound(rnd.opening)]
         if rnd.closing is not None:
             out.append(CloseRound(rnd.closing))
@@ -634,14 +644,17 @@ class ScatterAndGather:
             if site not in self._alive or state is None or site in rnd.whole_sent_at:
                 continue
             busy = state.busy_job == self.job_id and state.busy_round == rnd.number
-            if busy or state.since <= rnd.started:  # working on it, or the process that got the task
+            if busy or (state.since <= rnd.started and not rnd.reconnected):  # working on it, or the process
+                # that got the task (and still has it: no broker restart can have dropped it)
                 rnd.idle_since.pop(site, None)
                 continue
             since = rnd.idle_since.setdefault(site, now)
             if now - since >= self.idle_grace_s:
                 rnd.whole_sent_at[site] = now
-                log.warning("site %s came back idle but owes round %d of job %s: sending it the whole task again",
-                            site, rnd.number, self.job_id)
+                why = ("is idle after a reconnect (a restarted broker drops the transient task)" if rnd.reconnected
+                       else "came back idle")
+                log.warning("site %s %s but owes round %d of job %s: sending it the whole task again",
+                            site, why, rnd.number, self.job_id)
                 out.append(self._whole_task((site,)))
         return out
 
@@ -706,7 +719,8 @@ class ScatterAndGather:
         by_ref = tuple(t for t in targets if t in holders)
         whole_to = tuple(t for t in targets if t not in holders)
         if by_ref:  # these sites have the model in their queue already: the task only names it
-            out.append(SendTask(by_ref, self._task(DXO(WEIGHTS, {}, self._task_meta()), prev), self._ttl()))
+            out.append(SendTask(by_ref, self._task(DXO(WEIGHTS, {}, self._task_meta()), prev), self._ttl(),
+                                transient=True))
         if whole_to:
             out.append(self._whole_task(whole_to))
         log.info("Round %d of job %s started: task %s sent to %s%s", r, self.job_id, self.sag.train_task_name,
@@ -859,7 +873,7 @@ class ScatterAndGather:
 
     def _whole_task(self, sites: tuple[str, ...]) -> SendTask:
         dxo = self.generator.learnable_to_shareable(self.weights, self._task_meta())
-        return SendTask(sites, self._task(dxo), self._ttl())
+        return SendTask(sites, self._task(dxo), self._ttl(), transient=True)
 
     def _ttl(self) -> float | None:
         return self.sag.train_timeout or None

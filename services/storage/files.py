@@ -108,7 +108,7 @@ class NpySaver:
         self._pending_bytes = 0
         self._writing: Path | None = None
         self._thread: threading.Thread | None = None
-        self.written = 0  # saves written (tests, logs)
+        self.finished = 0  # saves done, written or failed (tests)
         self.replaced = 0  # saves dropped because a newer one of the same file came first
 
     def save(self, path: Path, arr: np.ndarray, on_error: Callable[[OSError], None]) -> None:
@@ -172,7 +172,7 @@ class NpySaver:
                 del arr
                 with self._cond:
                     self._writing = None
-                    self.written += 1
+                    self.finished += 1
                     self._cond.notify_all()
 
 

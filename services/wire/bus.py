@@ -141,8 +141,10 @@ class Bus(Protocol):
         expiration_s: float | None = None,
         on_done: Done | None = None,
         retain: bool = True,
+        persistent: bool = True,
     ) -> None:
-        """Publish confirmed without waiting; on_done runs once the broker settled it."""
+        """Publish confirmed without waiting; on_done runs once the broker settled it. persistent=False
+        (delivery mode 1) suits a model the workflow sends again if a broker restart loses it."""
         ...
 
     @property

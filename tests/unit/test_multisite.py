@@ -13,10 +13,12 @@ import pytest
 from sagmq.cli.bench import expected_model
 from sagmq.cli.floor import floor_groups
 from sagmq.cli.procs import group_spec, site_groups
-from sagmq.client.multisite import MultiSite, SerialPool, parse_sites
+from sagmq.client.multisite import SHARE_MIN_BYTES, MultiSite, SerialPool, parse_sites
 from sagmq.memory import MemoryBroker, MemoryBus
 from sagmq.wire.bus import Delivery
-from sagmq.wire.errors import ConfigError
+from sagmq.wire.codec import DXO, WEIGHTS
+from sagmq.wire.errors import ConfigError, DecodeError
+from sagmq.wire.messages import TrainTask
 from sagmq.wire.settings import Settings, parse_simulation_users, site_matches, site_range
 
 
@@ -164,25 +166,38 @@ def _delivery(body: bytes, message_id: str = "m-1") -> Delivery:
     return Delivery("q", "x", "k", "task", {}, "guest", message_id, None, None, False, body, 1, 1)
 
 
-def test_sites_of_one_process_share_one_copy_of_a_body(tmp_path: Path) -> None:
+def _task_body(value: float, n: int = 64 * 1024) -> bytes:
+    dxo = DXO(WEIGHTS, {"numpy_key": np.full(n, value, np.float32)}, {})
+    return TrainTask("j", 0, 1, 0, "train", "t-0", ["s-1", "s-2"], dxo, {}, {}).encode()
+
+
+def test_sites_of_one_process_share_one_copy_of_a_body_decoded_once(tmp_path: Path) -> None:
     settings = Settings(prefix="t", workspace=tmp_path)
     ms = MultiSite(settings, MemoryBus(MemoryBroker(), settings, "sims"), ["s-1", "s-2"], 1)
-    big = bytes(range(256)) * 1024  # 256 kB
+    big = _task_body(1.0)  # 256 kB of weights
     first, again = _delivery(big), _delivery(bytes(bytearray(big)))
     assert first.body is not again.body
     ms.sites[0].intake(first)  # type: ignore[misc]
     ms.sites[1].intake(again)  # type: ignore[misc]
-    assert again.body is first.body
-    other = _delivery(bytes(len(big)))  # the same id with other bytes: not shared (never trust the id alone)
+    assert again.body is first.body and again.payload is first.payload
+    a1 = first.message(TrainTask, settings.max_body_bytes).dxo.data["numpy_key"]
+    a2 = again.message(TrainTask, settings.max_body_bytes).dxo.data["numpy_key"]
+    assert np.shares_memory(a1, a2) and not a1.flags.writeable  # one model for both sites, read-only
+    np.testing.assert_array_equal(a2, np.full(64 * 1024, 1.0, np.float32))
+    other = _delivery(_task_body(2.0))  # the same id with other bytes: not shared (never trust the id alone)
     ms.share(other)
-    assert other.body is not first.body and other.body == bytes(len(big))
+    assert other.body is not first.body and other.payload is not first.payload
+    np.testing.assert_array_equal(other.message(TrainTask, settings.max_body_bytes).dxo.data["numpy_key"], 2.0)
     small, small2 = _delivery(b"x" * 100, "m-2"), _delivery(bytes(bytearray(b"x" * 100)), "m-2")
     ms.share(small)
     ms.share(small2)
-    assert small2.body is not small.body  # not worth it below SHARE_MIN_BYTES
+    assert small2.body is not small.body and small.payload is None  # not worth it below SHARE_MIN_BYTES
     for i in range(10):
         ms.share(_delivery(big, f"n-{i}"))
     assert len(ms._bodies) == 4  # a few bodies kept, not one per message
+    with pytest.raises(DecodeError):  # a large body that is not msgpack: refused here, as decoding would
+        ms.share(_delivery(b"\xc1" * SHARE_MIN_BYTES, "junk"))
+    assert "junk" not in ms._bodies
 
 
 def test_the_pool_waits_for_room_before_starting_work() -> None:

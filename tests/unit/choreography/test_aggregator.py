@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -118,3 +119,18 @@ def test_a_lost_connection_rebuilds_the_round_from_redelivered_messages(broker: 
         assert sorted(agg.accepted) == ["site-1", "site-2"]
         assert agg.dxo is not None and np.array_equal(agg.dxo.data["w"], A + 3)  # site-1 counted once
     assert broker.depth("t.results") == broker.depth("t.aggregator") == 0  # every input acked
+
+
+def test_an_accepted_result_waiting_for_its_verdict_holds_no_weights(broker: MemoryBroker, settings: Settings) -> None:
+    """Issue 15: a result is in the sums once accepted; its verdict (sent at the next tick) must not keep its
+    arrays alive, or a fast round holds a tick's worth of whole results."""
+    p = Probe(broker, settings)
+    bus = service_bus(broker, settings, "aggregator")
+    with running(broker, lambda b: AggregatorService(settings, b, grace_s=0.5), bus) as svc:
+        svc._flush_verdicts = lambda: None  # type: ignore[method-assign]  # keep them waiting
+        open_round(p, (30, 30))
+        send_result(p, result("site-1", np.ones((30, 30), np.float32)))
+        deadline = time.monotonic() + 10
+        while not svc.accepted_verdicts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [(r.site, r.dxo) for r in svc.accepted_verdicts] == [("site-1", None)]

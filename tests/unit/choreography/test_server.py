@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -61,3 +62,38 @@ def test_a_job_loads_its_model_then_sends_the_task_to_both_sites(broker: MemoryB
             (task,) = [d.message(TrainTask, LIMIT) for d in tasks]
             assert (task.job_id, task.round, task.task_id, task.task_name) == (job, 0, opened.task_id, "train")
             assert sorted(task.targets) == list(SITES) and np.array_equal(task.dxo.data["numpy_key"], initial)
+
+
+def test_a_round_open_the_broker_refuses_is_sent_again(broker: MemoryBroker, settings: Settings) -> None:
+    """A nack (a quorum queue without a leader while a cluster node fails over) does not lose round.open:
+    the server sends it again, and the aggregator gets it."""
+    from sagmq.wire.errors import BrokerRefused
+
+    probe = Probe(broker, settings)
+    for site in SITES:
+        broker.declare(site_topology(settings.prefix, site))
+    bus = service_bus(broker, settings, "server")
+    real_send, refused = bus.send, []
+
+    def send(exchange: str, routing_key: str, msg: Any, *args: Any, **kw: Any) -> None:
+        if isinstance(msg, RoundOpen) and len(refused) < 2:  # the first two tries are nacked
+            refused.append(msg)
+            on_done = kw.get("on_done")
+            assert on_done is not None
+            bus.call_threadsafe(lambda: on_done(BrokerRefused("the broker refused round.open (nack)")))
+            return
+        real_send(exchange, routing_key, msg, *args, **kw)
+
+    bus.send = send  # type: ignore[method-assign]
+    with running(broker, lambda b: ServerService(settings, b), bus):
+        for site in SITES:
+            beat(probe, site)
+        req = AdminRequest("submit", files=read_job_folder(example_job("hello-numpy-sag")))
+        reply = probe.bus.rpc(probe.names.admin, RK_ADMIN_SERVER, req, 5.0).message(AdminReply, LIMIT)
+        job = str(reply.result["job_id"])
+        load = probe.first(ModelLoad, lambda m: m.job_id == job)
+        initial = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.float32)
+        loaded = ModelLoaded(job, "default", DXO(WEIGHTS, {"numpy_key": initial}))
+        probe.bus.publish(probe.names.events, RK_MODEL_LOADED, loaded, headers={"job_id": load.job_id})
+        opened = probe.first(RoundOpen, lambda m: m.job_id == job)
+        assert opened.round == 0 and len(refused) == 2
