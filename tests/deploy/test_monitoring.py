@@ -44,8 +44,12 @@ def test_prometheus_scrapes_sagmq_and_broker_metrics(stack: Stack) -> None:
     def value(query: str) -> list[dict[str, Any]]:
         return list(_api(base, "/api/v1/query", query=query)["result"])
 
-    finished = wait_until(lambda: value("sum(sagmq_rounds_finished_total)"), 60, "sagmq_rounds_finished_total")
-    assert float(finished[0]["value"][1]) >= 3
+    def rounds_finished() -> float | None:
+        # (a scrape taken while the job ran holds fewer: wait for one taken after its end)
+        got = value("sum(sagmq_rounds_finished_total)")
+        return float(got[0]["value"][1]) if got and float(got[0]["value"][1]) >= 3 else None
+
+    assert wait_until(rounds_finished, 60, "sagmq_rounds_finished_total >= 3 (the job's three rounds)") >= 3
     sites = {r["metric"]["site"] for r in value('sagmq_service_info{service="client"}')}
     assert sites == {"site-1", "site-2"}, sites
     results = wait_until(lambda: value('rabbitmq_queue_consumers{queue="sag.results"}'), 60, "per-queue metrics")
