@@ -161,6 +161,13 @@ def cmd_plot(s: Settings, a: argparse.Namespace) -> int:
     return run_plot(s, a.job_id, Path(a.out))
 
 
+def cmd_bench_plot(s: Settings, a: argparse.Namespace) -> int:
+    """`sagmq bench-plot FILE... --out FILE.png`: see sagmq.cli.benchplot."""
+    from sagmq.cli.benchplot import run_bench_plot
+
+    return run_bench_plot(a.files, a.out)
+
+
 def cmd_teardown(s: Settings, a: argparse.Namespace) -> int:
     """`sagmq teardown`: see sagmq.cli.teardown."""
     from sagmq.cli.teardown import run_teardown
@@ -238,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plot", help="draw a job's rounds (seconds, sites, metrics) to a PNG")
     sp.add_argument("job_id")
     sp.add_argument("--out", required=True, help="the PNG file to write")
+    sp = sub.add_parser("bench-plot", help="draw seconds per round against sites, beside the floor, from "
+                        "`sagmq bench --json` output")
+    sp.add_argument("files", nargs="+", help="files of `sagmq bench --json` lines")
+    sp.add_argument("--out", required=True, help="the PNG file to write")
     sp = sub.add_parser("teardown", help="delete the prefix's exchanges and queues (refused while a job runs)")
     sp.add_argument("--force", action="store_true", help="even while a job runs")
     sp = sub.add_parser("abort", help="abort a queued or running job")
@@ -283,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"submit": cmd_submit, "list": cmd_list, "status": cmd_status, "wait": cmd_wait, "abort": cmd_abort,
             "download": cmd_download, "shutdown": cmd_shutdown, "poc": cmd_poc, "dead": cmd_dead, "bench": cmd_bench,
             "provision": cmd_provision, "health": cmd_health}
-COMMANDS.update({"watch": cmd_watch, "plot": cmd_plot, "teardown": cmd_teardown})
+COMMANDS.update({"watch": cmd_watch, "plot": cmd_plot, "bench-plot": cmd_bench_plot, "teardown": cmd_teardown})
 
 
 def _version() -> str:

@@ -79,6 +79,14 @@ def read_model(path: Path) -> dict[str, np.ndarray]:
     return {NUMPY_KEY: loaded}
 
 
+def history_json(records: list[dict[str, Any]]) -> bytes:
+    """history.json's bytes: a JSON array with one round record per line. (json.dumps with indent runs in
+    pure Python, about ten times slower than without: with thousands of rounds, rewriting the file once a
+    second took a third of the persistor's CPU.)"""
+    lines = ",\n".join(json.dumps(h, separators=(", ", ": "), default=str) for h in records)
+    return f"[\n{lines}\n]\n".encode() if records else b"[]\n"
+
+
 class NPModelPersistor:
     """One job's model files, with NVFlare's arguments (model_dir and model_name say where the model is
     saved; model, or source_ckpt_file_full_name, what it starts from when nothing is saved yet)."""
@@ -228,7 +236,7 @@ class NPModelPersistor:
             return
         self._dirty = False
         merged = sorted(self._history.values(), key=lambda h: (h.get("round") is None, h.get("round") or 0))
-        self.write_json("history.json", merged)
+        atomic_write(self.job_dir / "history.json", history_json(merged))
         self._history_written = time.monotonic()
 
     def files(self) -> dict[str, bytes]:

@@ -390,6 +390,10 @@ class ScatterAndGather:
         self._alive: frozenset[str] = frozenset()
         self._sites: Mapping[str, SiteState] = {}
         self._history_sent = 0  # history[:_history_sent] went to the persistor already
+        # history_dicts() of history[:_dicts_clean], unchanged since (status and jobs.json ask for the whole
+        # history often; a job of thousands of short rounds must not rebuild every record each time)
+        self._dicts: list[dict[str, Any]] = []
+        self._dicts_clean = 0
         # (task id, sites): the aggregate of that task, which is the model now, sits in these sites' queues
         self._forwarded: tuple[str, frozenset[str]] = ("", frozenset())
         # (round, task id): an aggregate that is the model now, held uncommitted by the persistor
@@ -417,8 +421,19 @@ class ScatterAndGather:
         return self._round.task_id if self._round else ""
 
     def history_dicts(self) -> list[dict[str, Any]]:
-        """The job's round records as plain dicts."""
-        return [h.to_dict() for h in self.history]
+        """The job's round records as plain dicts (a new list; its dicts are shared with later calls until
+        their record changes: read them, do not change them). Records change after they join the history
+        only through _touched (the last one, saves); the last two are rebuilt on every call anyway."""
+        clean = min(self._dicts_clean, len(self.history) - 2, len(self._dicts))
+        clean = max(clean, 0)
+        del self._dicts[clean:]
+        self._dicts.extend(h.to_dict() for h in self.history[clean:])
+        self._dicts_clean = len(self.history)
+        return list(self._dicts)
+
+    def _touched(self, index: int) -> None:
+        """history[index] (and maybe later records) changed: their dicts are made again."""
+        self._dicts_clean = min(self._dicts_clean, max(index, 0))
 
     def waiting_for(self, now: float) -> str:
         """What the job waits for, in words (`sagmq status`); the persistor's disk error while it retries one."""
@@ -460,6 +475,7 @@ class ScatterAndGather:
         # next save sends the persistor the whole history back
         self.history = self._history_before(self.round, m.history)
         self._history_sent = 0
+        self._touched(0)
         log.info("job %s: model loaded from %s; starting at round %d", self.job_id, m.source, self.round)
         if self.round > self.last_round:
             return self._end(FINISHED, "", now)
@@ -547,9 +563,10 @@ class ScatterAndGather:
             log.info("job %s: the persistor saves again (round %d is on disk)", self.job_id, m.round)
             self.persistor_trouble = None
         wall = self._wall(now)
-        for h in self.history:
+        for i, h in enumerate(self.history):
             if h.round <= m.round and h.saved_at is None:
                 h.saved_at = wall
+                self._touched(i)
         if self.phase == Phase.SAVING and m.round == self.round:
             return self._advance(now)
         return []
@@ -816,6 +833,7 @@ class ScatterAndGather:
         assert self.round is not None
         if self.history and self.history[-1].round == self.round:
             self.history[-1].done_at = self._wall(now)  # aggregated, applied and (if due) saved
+            self._touched(len(self.history) - 1)
         self.round += 1
         if self.round > self.last_round:
             return self._end(FINISHED, "", now)

@@ -26,7 +26,7 @@ from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker, pytest.mark.timeout(600)]
 
-RUNTIME = ("pika", "numpy", "msgpack", "tenacity", "prometheus_client", "rich")
+RUNTIME = ("pika", "numpy", "msgpack", "tenacity", "prometheus_client", "rich", "xxhash")
 SOURCES = ("pyproject.toml", "README.md", "services", "jobs", "schemas")  # what a build reads
 EXPECTED = np.array([[4, 5, 6], [7, 8, 9], [10, 11, 12]], dtype=np.float32)
 

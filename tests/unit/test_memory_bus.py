@@ -10,7 +10,7 @@ import pytest
 
 from sagmq.memory import MemoryBroker, MemoryBus
 from sagmq.memory.broker import Envelope, topic_matches
-from sagmq.wire.blob import H_CRC, is_part
+from sagmq.wire.blob import H_CRC, H_HASH, is_part
 from sagmq.wire.bus import Delivery
 from sagmq.wire.codec import DXO, WEIGHTS, unpack
 from sagmq.wire.errors import BrokerRefused, DecodeError, Rejected, RpcTimeout, SagmqError
@@ -237,13 +237,41 @@ def test_a_corrupt_part_dead_letters_the_blob(broker: MemoryBroker, settings: Se
     b = bus(broker, settings)
     b.publish(b.names.results, RK_RESULT, result(n=3000))
     with broker.lock:
-        broker.queues["t.results"].messages[2].headers[H_CRC] ^= 1
+        h = broker.queues["t.results"].messages[2].headers
+        h[H_HASH] = ("0" if h[H_HASH][0] != "0" else "1") + h[H_HASH][1:]
     handled: list[Delivery] = []
     b.consume("t.results", handled.append, prefetch=0)
     b.process(0)
     assert handled == [] and broker.depth("t.results") == 0
     (d,) = drain(b, "t.dead")
     assert "checksum mismatch" in d.header_str("x-sagmq-reason")
+
+
+def test_parts_checksummed_with_crc32_as_sagmq_sent_before_are_still_checked(broker: MemoryBroker,
+                                                                              settings: Settings) -> None:
+    import zlib
+
+    b = bus(broker, settings)
+    b.publish(b.names.results, RK_RESULT, result(n=3000))
+    with broker.lock:
+        msgs = broker.queues["t.results"].messages
+        for m in list(msgs)[1:]:
+            del m.headers[H_HASH]
+            m.headers[H_CRC] = zlib.crc32(m.body)
+        msgs[3].headers[H_CRC] ^= 1  # the last part's CRC is wrong: the blob is refused
+    handled: list[Delivery] = []
+    b.consume("t.results", handled.append, prefetch=0)
+    b.process(0)
+    assert handled == []
+    (d,) = drain(b, "t.dead")
+    assert "checksum mismatch" in d.header_str("x-sagmq-reason")
+    b.publish(b.names.results, RK_RESULT, result(n=3000))
+    with broker.lock:
+        for m in list(broker.queues["t.results"].messages)[1:]:
+            del m.headers[H_HASH]
+            m.headers[H_CRC] = zlib.crc32(m.body)
+    b.process(0)
+    assert len(handled) == 1  # good CRC-32 parts are taken
 
 
 # --- sends, rpc, reset ----------------------------------------------------------------------

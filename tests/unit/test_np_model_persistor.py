@@ -232,3 +232,15 @@ def test_download_writes_the_persistors_names_and_shows_an_npz_model(tmp_path: P
     text = final_model_text(out)
     assert text.startswith(f"final model {out / 'models' / 'server.npz'}:") and "w:\n[1. 1.]" in text
     assert "b:\n[2.5]" in text
+
+
+def test_history_json_is_one_round_record_per_line_and_reads_back() -> None:
+    from sagmq.persistor.np_model_persistor import history_json
+
+    records = [{"round": r, "accepted": ["site-1", "site-2"], "seconds": 0.25 * r, "metrics": {"site-1": {"loss": 1.5}}}
+               for r in range(3)]
+    text = history_json(records).decode()
+    assert json.loads(text) == records
+    lines = text.splitlines()
+    assert lines[0] == "[" and lines[-1] == "]" and len(lines) == 2 + len(records)
+    assert json.loads(history_json([])) == []

@@ -913,3 +913,37 @@ def test_round_record_round_trips_through_its_dict_and_keeps_unknown_keys() -> N
 def test_phase_values_are_what_status_shows() -> None:
     assert [p.value for p in Phase] == ["loading", "waiting", "training", "aggregating", "saving", "done"]
     assert str(Phase.TRAINING) == "training" and f"{Phase.SAVING}" == "saving"
+
+
+# --- history_dicts: made again only for records that changed ---------------------------------------
+
+
+def test_history_dicts_stay_equal_to_a_fresh_rebuild_through_a_job_with_saves_and_a_resume() -> None:
+    d = Driver(spec(num_rounds=6, persist_n=2))
+    d.load()
+
+    def fresh() -> list[dict[str, Any]]:
+        return [h.to_dict() for h in d.sag.history]
+
+    assert d.sag.history_dicts() == fresh() == []
+    for r in range(4):
+        d.at(10.0 * r + 1)
+        for site in SITES:
+            d.verdict(site)
+        d.aggregate()
+        assert d.sag.history_dicts() == fresh()
+    # a confirmation of round 3 marks rounds 0..3 saved, the older ones too
+    d.sag.on_saved(ModelSaved(JOB, 3, "p"), d.at(45.0))
+    assert d.sag.history_dicts() == fresh()
+    assert all(h.get("saved_at") == T0 + 45.0 + WALL for h in d.sag.history_dicts()[:4])
+    first = d.sag.history_dicts()
+    assert first is not d.sag.history_dicts()  # a new list each time; a caller may keep it
+    # a resume replaces the history: nothing cached of the old one survives
+    d2 = Driver(spec(num_rounds=6))
+    d2.sag.history_dicts()
+    d2.load(source="saved", next_round=2, history=[{"round": 0, "task_id": "t0", "targets": ["a"],
+                                                    "accepted": ["a"], "rejected": [], "started_at": 1.0},
+                                                   {"round": 1, "task_id": "t1", "targets": ["a"],
+                                                    "accepted": ["a"], "rejected": [], "started_at": 2.0}])
+    assert [h["round"] for h in d2.sag.history_dicts()] == [0, 1]
+    assert d2.sag.history_dicts() == [h.to_dict() for h in d2.sag.history]
