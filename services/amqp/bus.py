@@ -370,7 +370,12 @@ class AmqpBus:
 
     def _settle(self) -> None:
         """Finish the sends that are confirmed or failed (their on_done), then send more."""
-        for snd in self.sender.settle():
+        done = self.sender.settle()
+        if self.sender.reopen:
+            self.sender.reopen = False
+            self.reset("the broker keeps refusing a send (nack): a new connection, whose channels find "
+                       "each queue's current leader")
+        for snd in done:
             if snd.error is not None:
                 log.error("%s", snd.error)
             if snd.on_done is not None:
@@ -472,7 +477,12 @@ class AmqpBus:
             if self.broken():
                 # the broker closed our channel (e.g. a delivery held past consumer_timeout)
                 raise ConnectionLost(f"the connection or its channel closed: {link.lost!r}")
+            retry_at = self.sender.next_try_at()
+            if retry_at and time.monotonic() >= retry_at:
+                self.sender.due = True  # a refused send may go again now
             busy = self.consuming.inbox or self._calls or self.sender.due
+            if retry_at and not busy:
+                time_limit = min(time_limit, max(0.0, retry_at - time.monotonic()))
             link.turn(0.0 if busy else time_limit)
             self._serve()
             if self.broken():

@@ -408,6 +408,8 @@ class ClientService:
                 log.info("result of round %d of job %s sent (rc %s)", r.round, r.job_id, r.rc)
             else:
                 log.error("result of round %d of job %s not delivered: %s", r.round, r.job_id, err)
+                if r.task_id in self.seen_tasks:  # the server sends the task again to a site that owes it: run it
+                    self.seen_tasks.remove(r.task_id)
 
         # not waiting for the broker (a lost connection sends it again); the loop keeps heartbeating
         rk = self.result_keys.get(r.task_id, RK_RESULT)

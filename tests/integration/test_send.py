@@ -238,3 +238,57 @@ def test_after_a_lost_connection_a_send_not_retained_fails_and_a_retained_one_st
     assert gone.error is not None and "lost before the broker confirmed it (not kept to send again)" in str(gone.error)
     assert (midway.all_sent, midway.error) == (False, None)  # its parts were still being made: made again
     assert all(s.unconfirmed == 0 for s in (kept, gone, midway))
+
+
+def full_queue_topology(prefix: str) -> Topology:
+    """A queue that holds one message and refuses (nacks) publishes while it is full."""
+    ex = f"{prefix}.send"
+    q = Queue(f"{prefix}.send.full", {"x-max-length": 1, "x-overflow": "reject-publish"})
+    return Topology((Exchange(ex, DIRECT),), (q,), (Binding(q.name, ex, "full"),))
+
+
+def test_a_send_the_broker_refuses_goes_again_after_a_pause_and_later_sends_wait_behind_it(
+        bus: AmqpBus, small_chunks: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    p = small_chunks.prefix
+    bus.declare(full_queue_topology(p))
+    try:
+        done: list[tuple[int, SagmqError | None]] = []
+        bus.send(f"{p}.send", "full", save(0, 3), on_done=lambda e: done.append((0, e)))
+        run_until(bus, lambda: done, 10, "the first send")
+        assert done == [(0, None)]  # the queue is full now
+        bus.send(f"{p}.send", "full", save(1, 3), on_done=lambda e: done.append((1, e)))  # refused: nack
+        run_until(bus, lambda: "sending it again" in caplog.text, 10, "the refusal")
+        bus.send(f"{p}.send", "a", save(2, 3), on_done=lambda e: done.append((2, e)))  # waits behind it
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:  # the refused send keeps trying; the one behind it waits
+            bus.process(0.05)
+        assert done == [(0, None)]
+        method, _, _ = bus.channel.basic_get(f"{p}.send.full", auto_ack=True)  # room again
+        assert method is not None
+        run_until(bus, lambda: len(done) == 3, 30, "the refused send and the one behind it")
+        assert [i for i, _ in done] == [0, 1, 2] and all(e is None for _, e in done)
+        method, props, _ = bus.channel.basic_get(f"{p}.send.full", auto_ack=True)
+        assert method is not None and props.type == "model.save"  # the refused one, in the end
+        assert "(nack: a quorum queue without a leader" in caplog.text
+        assert "the broker keeps refusing a send (nack): a new connection" in caplog.text  # after 2 refusals
+    finally:
+        bus.delete(full_queue_topology(p))
+
+
+def test_a_send_refused_every_time_fails_with_the_count(bus: AmqpBus, small_chunks: Settings,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import sagmq.amqp.send as send_mod
+
+    monkeypatch.setattr(send_mod, "NACK_RETRIES", 2)
+    monkeypatch.setattr(send_mod, "NACK_PAUSE_S", 0.1)
+    p = small_chunks.prefix
+    bus.declare(full_queue_topology(p))
+    try:
+        done: list[SagmqError | None] = []
+        bus.send(f"{p}.send", "full", save(0, 3), on_done=done.append)
+        bus.send(f"{p}.send", "full", save(1, 3), on_done=done.append)
+        run_until(bus, lambda: len(done) == 2, 20, "both sends")
+        assert done[0] is None
+        assert isinstance(done[1], SagmqError) and "(nack) 3 times" in str(done[1])
+    finally:
+        bus.delete(full_queue_topology(p))
