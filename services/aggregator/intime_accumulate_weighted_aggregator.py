@@ -127,6 +127,7 @@ class InTimeAccumulateWeightedAggregator:
         self.shapes: dict[str, tuple[int, ...]] = {}  # shape of each variable seen (the model's, or the first)
         self.notes: list[str] = []  # departures from NVFlare that happened without a refusal, for the log
         self._exclude = re.compile(self.exclude_vars) if self.exclude_vars else None
+        self._scratch: dict[np.dtype[Any], np.ndarray] = {}  # add_weighted's buffers, by dtype
 
     # --- whole contributions ------------------------------------------------------------
 
@@ -202,8 +203,8 @@ class InTimeAccumulateWeightedAggregator:
 
     @staticmethod
     def check_values(name: str, values: np.ndarray) -> None:
-        """Refuse NaN and Inf."""
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
+        """Refuse NaN and Inf (min and max propagate NaN: no model-sized array of booleans is made)."""
+        if values.dtype.kind == "f" and values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
             raise Rejected(f"variable {name!r} holds NaN or Inf")
 
     # --- streamed contributions -----------------------------------------------------------
@@ -290,10 +291,10 @@ class InTimeAccumulateWeightedAggregator:
         """Add a flat run of a variable's values (starting at element start) to its sum, in place."""
         acc = self._sum(name, values.dtype, shape).reshape(-1)
         target = acc[start:start + values.size]
-        if self.weigh_by_local_iter:
-            target += values * sum_dtype(values.dtype).type(weight)  # v * weight in v's own float dtype
+        if self.weigh_by_local_iter:  # v * weight in v's own float dtype, a scratch buffer at a time
+            add_weighted(target, values, sum_dtype(values.dtype).type(weight), self._scratch)
         else:
-            target += values
+            target += values  # (a cast to the sum's dtype goes through numpy's small buffers)
 
     def _count(self, site: str, names: list[str], weight: float) -> None:
         """Count a contribution whose values were all added."""
@@ -317,6 +318,25 @@ class InTimeAccumulateWeightedAggregator:
                                   f"(departure from NVFlare, which fails on the division by zero)")
         meta: dict[str, Any] = {"accepted": list(self.accepted)}
         return DXO(self.expected_data_kind, out, meta)
+
+
+SCRATCH_ELEMENTS = 1 << 16  # add_weighted's buffer: 512 KiB of float64 at most, however large the model
+
+
+def add_weighted(target: np.ndarray, values: np.ndarray, weight: np.generic,
+                 scratch: dict[np.dtype[Any], np.ndarray]) -> None:
+    """``target += values * weight``, bit for bit, without a model-sized temporary: each slice's
+    product is made in a reused buffer of the product's own dtype (the same multiplication, so the
+    same rounding), then added. target and values are flat and of one length."""
+    dt = (values[:0] * weight).dtype
+    buf = scratch.get(dt)
+    if buf is None:
+        buf = scratch[dt] = np.empty(SCRATCH_ELEMENTS, dtype=dt)
+    for lo in range(0, values.size, SCRATCH_ELEMENTS):
+        part = values[lo:lo + SCRATCH_ELEMENTS]
+        prod = buf[:part.size]
+        np.multiply(part, weight, out=prod)
+        target[lo:lo + part.size] += prod
 
 
 def sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:

@@ -120,7 +120,7 @@ class Sender:
                     break
                 self._publish(snd, *nxt)
                 del nxt
-            if not snd.all_sent or snd.refused:
+            if snd.refused or not snd.all_sent:
                 return  # the window is full (or it went again after a refusal): later sends wait their turn
 
     def _all_out(self, snd: Send) -> None:

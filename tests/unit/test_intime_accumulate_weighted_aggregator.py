@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from sagmq.aggregator.intime_accumulate_weighted_aggregator import (
     NUM_STEPS,
+    SCRATCH_ELEMENTS,
     InTimeAccumulateWeightedAggregator,
     VarSpec,
     read_stream_header,
+    sum_dtype,
 )
 from sagmq.wire.blob import H_PARTS, H_SIZE, Part, split
 from sagmq.wire.codec import DXO, METRICS, WEIGHT_DIFF, WEIGHTS, encode_dxo, unpack
@@ -566,3 +569,74 @@ def test_streamed_integer_and_float64_contributions_average_as_nvflare() -> None
     assert out.data["n"].dtype == np.float64 and out.data["f"].dtype == np.float64
     np.testing.assert_array_equal(out.data["n"], (np.arange(40) * 2 + 3) * 0.5)
     np.testing.assert_array_equal(out.data["f"], (np.full(20, 0.1) + np.full(20, 0.4)) * (1.0 / 2))
+
+
+# --- no model-sized temporary: the scratch buffer gives NVFlare's bits ----------------------
+
+
+def old_sum(contribs: list[tuple[np.ndarray, float]], by_iter: bool) -> np.ndarray:
+    """The sums as ``acc += v * weight`` (or ``acc += v``) made them, widening as _sum does."""
+    acc: np.ndarray | None = None
+    for v, w in contribs:
+        dt = sum_dtype(v.dtype)
+        if acc is None:
+            acc = np.zeros(v.shape, dtype=dt)
+        elif np.result_type(acc.dtype, dt) != acc.dtype:
+            acc = acc.astype(np.result_type(acc.dtype, dt))
+        if by_iter:
+            acc += v * dt.type(w)
+        else:
+            acc += v
+    assert acc is not None
+    return acc
+
+
+@pytest.mark.parametrize("by_iter", [True, False])
+@pytest.mark.parametrize("dtypes", [("<f2",), ("<f4",), ("<f8",), ("<i8",), ("|i1", "<u4"), ("<f4", "<f8", "<f4"),
+                                    ("<i4", "<f4"), ("<f2", "<f4")])
+def test_weighted_adds_are_bit_identical_to_v_times_weight(dtypes: tuple[str, ...], by_iter: bool) -> None:
+    # longer than the scratch buffer and not a multiple of it, so slices and the tail are both used
+    n = 2 * SCRATCH_ELEMENTS + 12345
+    rng = np.random.default_rng(7)
+    sites = tuple(f"s{i}" for i in range(len(dtypes)))
+    weights = {s: float(w) for s, w in zip(sites, (0.1, 2.0 / 3.0, 1e-3, 7.25))}
+    steps = {s: k for s, k in zip(sites, (3, 1, 17, 2))}
+    acc = make(WEIGHTS, targets=sites, weights=weights, by_iter=by_iter)
+    contribs = []
+    for s, dt in zip(sites, dtypes):
+        kind = np.dtype(dt).kind
+        v = (rng.normal(scale=100.0, size=n) if kind == "f" else rng.integers(0, 100, size=n)).astype(dt)
+        acc.accept(s, RC_OK, dxo(WEIGHTS, {"x": v}, steps[s]))
+        contribs.append((v, weights[s] * steps[s]))
+    want = old_sum(contribs, by_iter)
+    got = acc.sums["x"]
+    assert got.dtype == want.dtype
+    assert got.tobytes() == want.tobytes()
+
+
+def test_a_weighted_add_allocates_no_model_sized_temporary() -> None:
+    n = 1_000_000  # a 4 MB float32 model
+    acc = make(WEIGHTS, targets=("a", "b"), weights={"a": 0.3, "b": 0.7})
+    acc.accept("a", RC_OK, dxo(WEIGHTS, {"x": np.ones(n, np.float32)}, 2))
+    v = np.full(n, 3.0, np.float32)
+    tracemalloc.start()
+    try:
+        acc.accept("b", RC_OK, dxo(WEIGHTS, {"x": v}, 5))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the old formula made a 4 MB product (and the NaN check a 1 MB mask); the scratch buffer exists already
+    assert peak < 64 * 1024, peak
+    assert acc.sums["x"][0] == np.float32(0.6) + np.float32(3.0) * np.float32(3.5)
+
+
+@pytest.mark.parametrize("dtype", ["<f2", "<f4", "<f8"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("at", [0, 77_777, 199_999])
+def test_one_nan_or_inf_anywhere_in_a_large_variable_is_refused(dtype: str, bad: float, at: int) -> None:
+    v = np.linspace(-5.0, 5.0, 200_000).astype(dtype)
+    v[at] = bad
+    acc = make(WEIGHTS, targets=("a",), weights={})
+    with pytest.raises(Rejected, match="NaN or Inf"):
+        acc.accept("a", RC_OK, dxo(WEIGHTS, {"x": v}, 1))
+    assert acc.sums == {} and acc.accepted == []
