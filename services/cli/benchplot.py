@@ -116,7 +116,7 @@ def plot_bench(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     top.set_ylabel("seconds per round (median)")
     top.set_title("seconds per round against the number of sites (ratio to the floor beside each point)")
     top.grid(True, which="both", alpha=0.3)
-    top.legend(loc="upper left", fontsize=8)
+    top.legend(loc="lower right", fontsize=8)
     # CPU per round by service and the broker, grouped, for every (model size, sites) measured
     labels = [f"{n} x {_label(int(floats)).split()[0]}" for floats, g in data.items() for n in g["clients"]]
     width = 0.8 / len(CPU_PARTS)
