@@ -96,3 +96,32 @@ def test_np_trainer_is_quick_only_without_sleep_and_for_small_models() -> None:
     assert not NPTrainer().quick("train", large)
     assert not NPTrainer(sleep_time=0.5).quick("train", small)
     assert not NPTrainer().quick("submit_model", small)
+
+
+class RefusingBus(RecordingBus):
+    """Keeps each send's on_done, so a test can refuse it as the broker's last nack would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done: list[Any] = []
+
+    def send(self, exchange: str, rk: str, msg: Any, **kw: Any) -> None:
+        self.sent.append(msg)
+        self.done.append(kw.get("on_done"))
+
+
+def test_a_result_the_broker_finally_refused_lets_the_task_run_again_when_it_comes_again(tmp_path: Path) -> None:
+    from sagmq.wire.errors import SagmqError
+
+    bus = RefusingBus()
+    svc = ClientService(Settings(site="site-1", workspace=tmp_path), bus)  # type: ignore[arg-type]
+    svc.state.apps[JOB] = App("app", tmp_path, {"train": Adder(quick=True)})
+    svc.on_train_task(task(0))
+    svc.on_train_task(task(0))  # a copy while its result is on its way: ignored
+    assert len(bus.sent) == 1
+    bus.done[0](SagmqError("the broker refused result to 't.results' ('result') (nack) 15 times"))
+    svc.on_train_task(task(0))  # the server's resend to a site that owes the round: run again
+    assert len(bus.sent) == 2 and all(isinstance(r, TaskResult) for r in bus.sent)
+    bus.done[1](None)  # delivered this time: a further copy is ignored again
+    svc.on_train_task(task(0))
+    assert len(bus.sent) == 2
