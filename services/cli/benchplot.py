@@ -15,8 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from sagmq.cli.plot import MISSING, SERIES_KEY
-from sagmq.wire.errors import SagmqError, UsageError
+from sagmq.cli.plot import SERIES_KEY, pyplot, require_png
+from sagmq.wire.errors import UsageError
 
 CPU_PARTS = ("sites", "broker", "server", "aggregator", "persistor")
 
@@ -82,15 +82,8 @@ def _label(floats: int) -> str:
 
 def plot_bench(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Draw the runs to a PNG at out; return the series drawn (also stored in the PNG)."""
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: the plot is a PNG; name the file *.png")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise SagmqError(MISSING) from e
+    require_png(out)
+    plt = pyplot()
     data = series(runs)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 8.5))
     colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]

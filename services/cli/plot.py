@@ -21,6 +21,24 @@ SERIES_KEY = "sagmq-series"
 MISSING = "matplotlib is not installed (pip install 'sagmq[plot]')"
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display needed); SagmqError(MISSING) without the plot extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SagmqError(MISSING) from e
+    return plt
+
+
+def require_png(out: Path) -> None:
+    """Refuse an --out that is not a *.png."""
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the plot is a PNG; name the file *.png")
+
+
 def _numbers(d: Any) -> dict[str, float]:
     """The numeric values of a flat {name: number} map."""
     if not isinstance(d, dict):
@@ -55,13 +73,7 @@ def series(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot_rounds(history: list[dict[str, Any]], out: Path, title: str) -> dict[str, Any]:
     """Draw the rounds to a PNG at out; return the series drawn (also stored in the PNG)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise SagmqError(MISSING) from e
+    plt = pyplot()
     data = series(history)
     if not data["rounds"]:
         raise SagmqError("the job has no finished round to plot")
@@ -124,8 +136,7 @@ def run_plot(s: Settings, job_id: str, out: Path) -> int:
     """`sagmq plot JOB --out FILE.png`: the job's history from the server, drawn."""
     from sagmq.cli.admin import CLI_CONNECT_S, AdminClient
 
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: the plot is a PNG; name the file *.png")
+    require_png(out)
     admin = AdminClient(s, CLI_CONNECT_S, server_grace_s=5.0)
     try:
         st = admin.status(job_id)

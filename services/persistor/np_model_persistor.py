@@ -193,7 +193,7 @@ class NPModelPersistor:
     # --- meta and history -------------------------------------------------------------------
 
     def write_json(self, name: str, obj: Any) -> None:
-        """meta.json or history.json of the job."""
+        """meta.json of the job (history.json is written by flush_history, one record per line)."""
         atomic_write(self.job_dir / name, json.dumps(obj, indent=2, default=str).encode())
 
     def merge_history(self, records: Iterable[Any], at_once: bool = False) -> None:
